@@ -1,0 +1,109 @@
+"""Paged KV-cache blocks: reference counts, and prefix caching by chained hashes of full blocks."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from foreseer.engine.request import Request
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set once the block is full and computed
+    token_ids: tuple[int, ...] = ()  # kept with the hash to rule out collisions
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Unreferenced blocks in eviction order; freed blocks keep their hash until reused (lazy eviction).
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Blocks holding the longest cached prefix of the request; at least one token is left to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        self._hash_full_blocks(request, request.num_tokens - 1)
+        hits: list[int] = []
+        for i, block_hash in enumerate(request.block_hashes[: (request.num_tokens - 1) // self.block_size]):
+            block_id = self.cached.get(block_hash)
+            if block_id is None or self.blocks[block_id].token_ids != self._block_tokens(request, i):
+                break
+            hits.append(block_id)
+        return hits
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
+        """Make room for `num_new_tokens` more tokens (after any cached prefix); False if blocks run out."""
+        num_computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
+        needed = self.blocks_needed(num_computed + num_new_tokens) - len(request.block_table) - len(cached_blocks)
+        revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
+        if needed + revived > self.num_free_blocks:
+            return False
+        for block_id in cached_blocks:
+            self._take(block_id)
+        request.block_table.extend(cached_blocks)
+        for _ in range(max(needed, 0)):
+            block_id = next(iter(self.free_blocks))
+            self._take(block_id)
+            block = self.blocks[block_id]
+            if block.hash is not None:
+                del self.cached[block.hash]
+                block.hash, block.token_ids = None, ()
+            request.block_table.append(block_id)
+        return True
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Register the request's computed full blocks so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        self._hash_full_blocks(request, request.num_computed_tokens)
+        for i in range(request.num_computed_tokens // self.block_size):
+            block = self.blocks[request.block_table[i]]
+            block_hash = request.block_hashes[i]
+            if block.hash is None and block_hash not in self.cached:
+                block.hash, block.token_ids = block_hash, self._block_tokens(request, i)
+                self.cached[block_hash] = block.block_id
+
+    def free(self, request: Request) -> None:
+        # Tail blocks are freed first, so they are evicted before the shared prefix blocks.
+        for block_id in reversed(request.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_blocks[block_id] = None
+        request.block_table = []
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_blocks[block_id]
+        block.ref_count += 1
+
+    def _block_tokens(self, request: Request, index: int) -> tuple[int, ...]:
+        return tuple(request.token_ids[index * self.block_size:(index + 1) * self.block_size])
+
+    def _hash_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Extend the request's hash chain over its first num_tokens // block_size blocks."""
+        for i in range(len(request.block_hashes), num_tokens // self.block_size):
+            parent = request.block_hashes[i - 1] if i else request.cache_salt
+            request.block_hashes.append(hash((parent, self._block_tokens(request, i))))

@@ -1,0 +1,130 @@
+"""Iteration-level scheduler with no phases: each step gives requests "tokens to compute" under a budget.
+
+Running requests come first (decodes, then unfinished prefill chunks), then waiting ones, in the
+policy's order. When blocks run out, the policy's last running request is preempted: its blocks are
+freed and it is recomputed later (its cached prefix blocks usually survive and are reused).
+"""
+
+from __future__ import annotations
+
+import time
+
+from foreseer.config import SchedulerConfig
+from foreseer.core.block_manager import BlockManager
+from foreseer.core.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from foreseer.core.policies import SchedulingPolicy
+from foreseer.engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: SchedulingPolicy) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.policy = policy
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        out = SchedulerOutput(scheduled=[])
+        scheduled_ids: set[str] = set()
+        self.running.sort(key=self.policy.key)
+        decoding = [r for r in self.running if r.num_computed_tokens >= r.num_tokens - 1]
+        prefilling = [r for r in self.running if r.num_computed_tokens < r.num_tokens - 1]
+        for request in decoding + prefilling:
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:  # preempted earlier in this step
+                continue
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(request, num_new):
+                victim = self._pick_victim(scheduled_ids) or request
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                scheduled_ids.add(request.request_id)
+                budget -= num_new
+
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        self.waiting.sort(key=self.policy.key)
+        admitted = 0
+        for request in self.waiting:
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            cached = self.block_manager.find_cached_prefix(request)
+            num_cached_tokens = len(cached) * self.block_manager.block_size
+            num_new = min(request.num_tokens - num_cached_tokens, budget)
+            if not self.block_manager.allocate_slots(request, num_new, cached):
+                break
+            request.num_computed_tokens = num_cached_tokens
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = time.time()
+                request.metrics.num_cached_tokens = num_cached_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+            admitted += 1
+        del self.waiting[:admitted]
+
+    def _pick_victim(self, scheduled_ids: set[str]) -> Request | None:
+        candidates = [r for r in self.running if r.request_id not in scheduled_ids]
+        return candidates[-1] if candidates else None
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        self.running.remove(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.metrics.num_preemptions += 1
+        self.waiting.append(request)
+
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
+        """Advance computed tokens, append sampled tokens; returns the requests that got a new token."""
+        updated = []
+        for item in sched.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_computed_blocks(request)
+            token = result.sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.append_token(token)
+            if request.request_id in result.logprobs:
+                logprob, top = result.logprobs[request.request_id]
+                request.cumulative_logprob += logprob
+                if top is not None:
+                    request.logprobs.append(top)
+            if request.check_stop():
+                self.finish_request(request, request.finish_reason)
+            updated.append(request)
+        return updated
+
+    def finish_request(self, request: Request, reason: str) -> None:
+        if request.is_finished:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.block_manager.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.metrics.finished_time = time.time()
+        del self.requests[request.request_id]

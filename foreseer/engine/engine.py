@@ -1,0 +1,177 @@
+"""The engine loop: add_request / step / abort, the same for offline batches and the server."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from foreseer.config import EngineConfig
+from foreseer.core.block_manager import BlockManager
+from foreseer.core.policies import get_policy
+from foreseer.core.scheduler import Scheduler
+from foreseer.engine.detokenizer import IncrementalDetokenizer
+from foreseer.engine.request import Request
+from foreseer.models.loader import load_model_config, load_tokenizer, resolve_model
+from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from foreseer.sampling_params import SamplingParams
+from foreseer.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+
+
+@dataclass
+class _ParentRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[_Sequence]
+
+    def output(self) -> RequestOutput:
+        requests = [s.request for s in self.sequences]
+        want_logprobs = self.params.logprobs is not None
+        completions = [
+            CompletionOutput(
+                index=i,
+                text=s.detokenizer.visible_text(s.request.is_finished),
+                token_ids=s.request.output_token_ids,
+                cumulative_logprob=s.request.cumulative_logprob if want_logprobs else None,
+                logprobs=list(s.request.logprobs) if want_logprobs else None,
+                finish_reason=s.request.finish_reason,
+                stop_reason=s.request.stop_reason,
+            )
+            for i, s in enumerate(self.sequences)
+        ]
+        first_tokens = [r.metrics.first_token_time for r in requests if r.metrics.first_token_time]
+        finished = all(r.is_finished for r in requests)
+        metrics = RequestMetrics(
+            arrival_time=requests[0].metrics.arrival_time,
+            first_scheduled_time=requests[0].metrics.first_scheduled_time,
+            first_token_time=min(first_tokens) if first_tokens else None,
+            finished_time=max(r.metrics.finished_time for r in requests) if finished else None,
+            num_cached_tokens=requests[0].metrics.num_cached_tokens,
+            num_preemptions=sum(r.metrics.num_preemptions for r in requests),
+        )
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions, finished, metrics)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.source = resolve_model(config.model)
+        self.model_config = load_model_config(self.source)
+        context = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > context:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {context} tokens")
+        self.max_model_len = config.max_model_len or context
+        self.tokenizer = load_tokenizer(self.source)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.runner = ModelRunner(config, self.model_config, self.source)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, get_policy(config.scheduler.policy))
+        self.parents: dict[str, _ParentRequest] = {}
+        self._sequences: dict[str, tuple[_ParentRequest, _Sequence]] = {}  # child request id -> its place
+
+    # -- requests -------------------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size})")
+        return list(prompt)
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+        arrival_time: float | None = None, priority: int = 0,
+    ) -> None:
+        """Validate and queue a request; raises ValueError (and changes nothing) if it cannot be served."""
+        params = params or SamplingParams()
+        if request_id in self.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenize_prompt(prompt)
+        max_tokens = self._check_lengths(len(token_ids), params)
+        sequences = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            request = Request(f"{request_id}#{i}", token_ids, params, max_tokens, self.eos_token_ids,
+                              arrival_time, priority, seed)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
+                                                 params.stop_strings, params.include_stop_str_in_output)
+            sequences.append(_Sequence(request, detokenizer))
+        parent = _ParentRequest(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, sequences)
+        self.parents[request_id] = parent
+        for seq in sequences:
+            self._sequences[seq.request.request_id] = (parent, seq)
+            self.scheduler.add_request(seq.request)
+
+    def _check_lengths(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        if num_prompt_tokens == 0:
+            raise ValueError("prompt is empty")
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_prompt_tokens} tokens, but the model's context is {self.max_model_len} tokens "
+                "(prompt and at least one generated token must fit)"
+            )
+        room = self.max_model_len - num_prompt_tokens
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room:
+            raise ValueError(
+                f"max_tokens {max_tokens} plus the prompt's {num_prompt_tokens} tokens exceeds the model's context "
+                f"of {self.max_model_len} tokens"
+            )
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if num_prompt_tokens + max_tokens > capacity:
+            raise ValueError(
+                f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the KV cache's "
+                f"{capacity} tokens; give a larger kv_cache_gib or a smaller max_tokens"
+            )
+        return max_tokens
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        parent = self.parents.pop(request_id, None)
+        if parent is None:
+            return None
+        for seq in parent.sequences:
+            self.scheduler.finish_request(seq.request, "abort")
+            del self._sequences[seq.request.request_id]
+        return parent.output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents)
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; returns the outputs of requests that advanced."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.num_unfinished:
+                raise RuntimeError("no request could be scheduled although some are unfinished")
+            return []
+        result = self.runner.execute(sched)
+        touched: dict[str, _ParentRequest] = {}
+        for request in self.scheduler.update_from_output(sched, result):
+            parent, seq = self._sequences[request.request_id]
+            stop = seq.detokenizer.update(request.token_ids[-1])
+            if stop is not None and not request.is_finished:
+                request.stop_reason = stop
+                self.scheduler.finish_request(request, "stop")
+            touched[parent.request_id] = parent
+        outputs = []
+        for parent in touched.values():
+            output = parent.output()
+            if output.finished:
+                del self.parents[parent.request_id]
+                for seq in parent.sequences:
+                    del self._sequences[seq.request.request_id]
+            outputs.append(output)
+        return outputs

@@ -1,0 +1,100 @@
+"""The offline API in vLLM's shape: LLM(...).generate(prompts, params) and .chat(messages, params)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from foreseer.config import EngineConfig
+from foreseer.engine.engine import LLMEngine
+from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from foreseer.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m-instruct", **engine_args) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_args))
+        self._counter = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; a prompt that cannot be served gets an output with `error` set."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        priorities = _per_prompt(priority if priority is not None else 0, len(prompts), "priority")
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for prompt, params, prio in zip(prompts, params_list, priorities):
+            request_id = str(self._counter)
+            self._counter += 1
+            order.append(request_id)
+            try:
+                self.engine.add_request(request_id, prompt, params, priority=prio)
+            except ValueError as error:
+                logger.warning("request %s rejected: %s", request_id, error)
+                results[request_id] = _rejected(request_id, prompt, str(error))
+        bar = tqdm(total=len(prompts) - len(results), desc="generate", disable=not use_tqdm, unit="req")
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    results[output.request_id] = output
+                    bar.update(1)
+        bar.close()
+        return [results[request_id] for request_id in order]
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation and generate the assistant's reply."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        if self.tokenizer.chat_template is None:
+            raise ValueError("this model's tokenizer has no chat template")
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True, return_dict=True)["input_ids"]
+        return list(ids)
+
+
+def _per_prompt(value, count: int, name: str) -> list:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries for {count} prompts")
+        return list(value)
+    return [value] * count
+
+
+def _rejected(request_id: str, prompt: Prompt, error: str) -> RequestOutput:
+    return RequestOutput(
+        request_id=request_id,
+        prompt=prompt if isinstance(prompt, str) else None,
+        prompt_token_ids=[] if isinstance(prompt, str) else list(prompt),
+        outputs=[CompletionOutput(0, "", [], None, None, finish_reason="error")],
+        finished=True,
+        metrics=RequestMetrics(arrival_time=time.time()),
+        error=error,
+    )

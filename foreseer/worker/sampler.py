@@ -1,0 +1,67 @@
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, and top-N logprobs."""
+
+from __future__ import annotations
+
+import torch
+
+from foreseer.engine.request import Request
+from foreseer.outputs import Logprob
+
+
+class Sampler:
+    def __init__(self, seed: int) -> None:
+        # Requests without a seed of their own draw from the engine's generator, so whole runs repeat.
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(
+        self, logits: torch.Tensor, requests: list[Request]
+    ) -> tuple[list[int], dict[str, tuple[float, dict[int, Logprob] | None]]]:
+        """logits: [S, V] float32, one row per request. Returns tokens and, where asked, logprobs."""
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if random_rows:
+            probs = self._processed_probs(logits[random_rows], [requests[i] for i in random_rows])
+            for row, i in enumerate(random_rows):
+                generator = requests[i].generator or self.generator
+                tokens[i] = torch.multinomial(probs[row], 1, generator=generator)[0]
+        token_list = tokens.tolist()
+        logprobs = {}
+        for i, request in enumerate(requests):
+            if request.params.logprobs is not None:
+                logprobs[request.request_id] = _logprobs(logits[i], token_list[i], request.params.logprobs)
+        return token_list, logprobs
+
+    @staticmethod
+    def _processed_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        params = [r.params for r in requests]
+        device = logits.device
+        x = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+            sorted_x, order = x.sort(dim=-1, descending=True)
+            vocab = x.shape[-1]
+            ranks = torch.arange(vocab, device=device)[None, :]
+            remove = ranks >= torch.where(top_k > 0, top_k, vocab)[:, None]
+            sorted_probs = sorted_x.masked_fill(remove, float("-inf")).softmax(dim=-1)
+            # Drop a token once the tokens before it already cover top_p; the first always stays.
+            remove |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+            x = x.scatter(-1, order, sorted_x.masked_fill(remove, float("-inf")))
+        probs = x.softmax(dim=-1)
+        if bool((min_p > 0).any()):
+            probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        return probs
+
+
+def _logprobs(logits: torch.Tensor, token: int, num_top: int) -> tuple[float, dict[int, Logprob]]:
+    """The sampled token's logprob under the model's raw distribution, and the top-N beside it."""
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = float(logprobs[token])
+    top: dict[int, Logprob] = {}
+    if num_top:
+        values, ids = logprobs.topk(num_top)
+        top = {int(t): Logprob(float(v), rank + 1) for rank, (v, t) in enumerate(zip(values, ids))}
+    if token not in top:
+        top[token] = Logprob(chosen, int((logprobs > chosen).sum()) + 1)
+    return chosen, top
