@@ -35,7 +35,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
     device: str = "auto"
     max_model_len: int | None = None  # default: the model's context length
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # auto, cpu (C++ kernels), torch (reference)
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

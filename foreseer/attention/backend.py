@@ -26,6 +26,7 @@ class AttentionMetadata:
     num_decode_tokens: int
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64, padded with 0
     decode_seq_lens: torch.Tensor  # [num_decodes] int64, KV length including the new token
+    max_decode_seq_len: int
     prefills: list[PrefillSegment]
     block_size: int
 
@@ -50,10 +51,15 @@ class AttentionBackend(ABC):
         """q: [T, H, D]; k, v: [T, Hkv, D]; returns [T, H, D]."""
 
 
-def get_backend(name: str) -> AttentionBackend:
+def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """"auto" takes the C++ kernels on a CPU in float32 where they build, else the PyTorch backend."""
+    from foreseer.attention.cpu_backend import CpuPagedAttention, load_cpu_kernels
     from foreseer.attention.torch_backend import TorchPagedAttention
 
-    backends = {TorchPagedAttention.name: TorchPagedAttention}
+    if name == "auto":
+        use_kernels = device.type == "cpu" and dtype == torch.float32 and load_cpu_kernels() is not None
+        name = CpuPagedAttention.name if use_kernels else TorchPagedAttention.name
+    backends = {b.name: b for b in (TorchPagedAttention, CpuPagedAttention)}
     if name not in backends:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(backends)}")
+        raise ValueError(f"unknown attention_backend {name!r}; available: auto, {', '.join(sorted(backends))}")
     return backends[name]()

@@ -19,6 +19,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
         self.text = ""
+        self.stopped = False  # a stop string ended the text
         # Text that could still be the start of a stop string is held back until it is ruled out.
         self.holdback = max((len(s) for s in stop_strings), default=1) - 1
 
@@ -33,16 +34,23 @@ class IncrementalDetokenizer:
         # A trailing U+FFFD means an incomplete UTF-8 sequence: wait for the next token.
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return None
-        delta = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
         search_from = max(0, len(self.text) - self.holdback)
-        self.text += delta
+        self.text += full[len(prefix):]
         for stop in self.stop_strings:
             index = self.text.find(stop, search_from)
             if index != -1:
                 self.text = self.text[: index + len(stop) if self.include_stop else index]
+                self.stopped = True
                 return stop
         return None
+
+    def flush(self) -> None:
+        """At the end of generation, emit what was held back as a possibly incomplete character."""
+        if not self.stopped:
+            prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+            self.text += self._decode(self.tokens[self.prefix_offset:])[len(prefix):]
+            self.prefix_offset = self.read_offset = len(self.tokens)
 
     def visible_text(self, finished: bool) -> str:
         if finished or not self.holdback:

@@ -162,9 +162,14 @@ class LLMEngine:
         for request in self.scheduler.update_from_output(sched, result):
             parent, seq = self._sequences[request.request_id]
             stop = seq.detokenizer.update(request.token_ids[-1])
-            if stop is not None and not request.is_finished:
+            if stop is not None:  # a stop string wins over a length limit reached in the same step
+                if request.is_finished:
+                    request.finish_reason = "stop"
+                else:
+                    self.scheduler.finish_request(request, "stop")
                 request.stop_reason = stop
-                self.scheduler.finish_request(request, "stop")
+            if request.is_finished:
+                seq.detokenizer.flush()
             touched[parent.request_id] = parent
         outputs = []
         for parent in touched.values():

@@ -57,7 +57,7 @@ class ModelRunner:
             torch.set_default_dtype(previous)
         self.model.load_weights(iter_weights(source, model_config))
         self.model.eval()
-        self.backend = get_backend(config.attention_backend)
+        self.backend = get_backend(config.attention_backend, self.device, self.dtype)
         self.num_blocks = self._num_kv_blocks()
         caches = self.backend.allocate_kv_cache(
             model_config.num_hidden_layers, self.num_blocks, self.block_size,
@@ -66,6 +66,7 @@ class ModelRunner:
         for layer, cache in zip(self.model.attention_layers(), caches):
             layer.kv_cache = cache
         self.sampler = Sampler(config.seed)
+        self.num_computed_tokens_total = 0  # tokens run through the model so far (prefill and decode)
 
     def kv_bytes_per_block(self) -> int:
         cfg = self.model_config
@@ -84,6 +85,9 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
                     num_blocks * self.kv_bytes_per_block() / 2**30)
         return num_blocks
+
+    def _tensor(self, data: list) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.int64, device=self.device)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -115,20 +119,21 @@ class ModelRunner:
                 sample_requests.append(request)
 
         max_blocks = max((len(t) for t in decode_tables), default=0)
-        to_tensor = lambda data: torch.tensor(data, dtype=torch.int64, device=self.device)  # noqa: E731
         metadata = AttentionMetadata(
-            slot_mapping=to_tensor(slots),
+            slot_mapping=self._tensor(slots),
             num_decode_tokens=len(decode_tables),
-            decode_block_tables=to_tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables]),
-            decode_seq_lens=to_tensor(decode_lens),
+            decode_block_tables=self._tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables]),
+            decode_seq_lens=self._tensor(decode_lens),
+            max_decode_seq_len=max(decode_lens, default=0),
             prefills=prefills,
             block_size=bs,
         )
+        self.num_computed_tokens_total += len(input_ids)
         with forward_context(self.backend, metadata):
-            hidden = self.model(to_tensor(input_ids), to_tensor(positions))
+            hidden = self.model(self._tensor(input_ids), self._tensor(positions))
         if not sample_requests:
             return ModelRunnerOutput(sampled={})
-        logits = self.model.compute_logits(hidden[to_tensor(sample_index)])
+        logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
         tokens, logprobs = self.sampler(logits, sample_requests)
         return ModelRunnerOutput(
             sampled={r.request_id: t for r, t in zip(sample_requests, tokens)}, logprobs=logprobs

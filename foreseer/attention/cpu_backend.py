@@ -1,0 +1,59 @@
+"""Paged attention with C++ decode kernels for the CPU (compiled on first use, float32)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from foreseer.attention.backend import AttentionMetadata
+from foreseer.attention.torch_backend import TorchPagedAttention
+
+logger = logging.getLogger(__name__)
+_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "paged_attention_cpu.cpp")
+
+
+@functools.cache
+def load_cpu_kernels():
+    """The compiled extension, or None (with a warning) where it cannot be built."""
+    try:
+        import ninja
+        from torch.utils.cpp_extension import load
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        return load(name="foreseer_paged_attention_cpu", sources=[_SOURCE],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as error:  # a missing compiler must not stop the engine: the torch path still works
+        logger.warning("C++ attention kernels unavailable (%s); using the PyTorch backend", error)
+        return None
+
+
+class CpuPagedAttention(TorchPagedAttention):
+    """Keys are stored transposed per block, [num_blocks, Hkv, D, block_size], for SIMD over tokens."""
+
+    name = "cpu"
+    # The kernels read only each request's own tokens, so pages can stay untouched until used.
+    allocate = staticmethod(torch.empty)
+
+    def __init__(self) -> None:
+        self.kernels = load_cpu_kernels()
+        if self.kernels is None:
+            raise RuntimeError("the C++ CPU attention kernels could not be built")
+
+    @staticmethod
+    def key_shape(shape: tuple[int, int, int, int]) -> tuple[int, ...]:
+        num_blocks, block_size, num_kv_heads, head_dim = shape
+        return (num_blocks, num_kv_heads, head_dim, block_size)
+
+    def write_kv(self, k_cache, v_cache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.kernels.write_kv_cache(k, v, k_cache, v_cache, slots)
+
+    def gather_keys(self, k_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        return k_cache[block_tables].movedim(-1, -3).flatten(-4, -3)
+
+    def decode(self, q, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        tables, lens = metadata.decode_block_tables, metadata.decode_seq_lens
+        scores = self.kernels.paged_decode_scores(q, k_cache, tables, lens, metadata.max_decode_seq_len, scale)
+        return self.kernels.paged_decode_values(scores.softmax(dim=-1), v_cache, tables, lens)

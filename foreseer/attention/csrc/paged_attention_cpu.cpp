@@ -1,0 +1,195 @@
+// Paged decode attention for the CPU (float32), read straight from the KV blocks: no gather, no padding
+// copies. Scores and the weighted sum of values are two kernels; the softmax between them stays in PyTorch.
+// Each (request, KV head) pair is one task, and the query heads that share a KV head are handled together,
+// so every key and value vector is loaded once.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace {
+
+struct Layout {
+  int64_t batch, num_heads, head_dim, block_size, num_kv_heads, group, max_blocks;
+  int64_t block_stride, token_stride, head_stride;
+};
+
+Layout layout_of(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& block_tables) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && cache.scalar_type() == torch::kFloat32,
+              "paged decode attention: float32 tensors only");
+  TORCH_CHECK(cache.stride(3) == 1, "paged decode attention: head_dim must be contiguous in the cache");
+  Layout s;
+  s.batch = q.size(0);
+  s.num_heads = q.size(1);
+  s.head_dim = q.size(2);
+  s.block_size = cache.size(1);
+  s.num_kv_heads = cache.size(2);
+  s.group = s.num_heads / s.num_kv_heads;
+  s.max_blocks = block_tables.size(1);
+  s.block_stride = cache.stride(0);
+  s.token_stride = cache.stride(1);
+  s.head_stride = cache.stride(2);
+  return s;
+}
+
+// Scores of one query head against one key block stored [head_dim, block_size]. With a compile-time
+// block size the accumulators stay in registers.
+constexpr int64_t kLanes = 16;
+
+template <int64_t kBlock>
+inline void block_scores(const float* q, const float* kb, int64_t head_dim, float scale, int64_t n, float* out,
+                         int64_t block_size = kBlock) {
+  const int64_t bs = kBlock ? kBlock : block_size;
+  float acc[kBlock ? kBlock : 256] = {};
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const float qd = q[d];
+    const float* kd = kb + d * bs;
+#pragma omp simd
+    for (int64_t t = 0; t < bs; ++t) acc[t] += qd * kd[t];
+  }
+  for (int64_t t = 0; t < n; ++t) out[t] = acc[t] * scale;
+}
+
+}  // namespace
+
+// scores[b, h, t] = scale * q[b, h] . k[b, t, h / group] for t < seq_lens[b], -inf beyond.
+// Keys are stored transposed per block, [num_blocks, Hkv, head_dim, block_size], so the inner loop runs
+// across the tokens of a block in SIMD lanes with no horizontal sums.
+torch::Tensor paged_decode_scores(torch::Tensor q, torch::Tensor k_cache, torch::Tensor block_tables,
+                                  torch::Tensor seq_lens, int64_t max_len, double scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32,
+              "paged decode attention: float32 tensors only");
+  TORCH_CHECK(k_cache.is_contiguous(), "paged decode attention: the key cache must be contiguous");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  seq_lens = seq_lens.contiguous();
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(3);
+  const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
+  auto scores = torch::full({batch, num_heads, max_len}, -std::numeric_limits<float>::infinity(), q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  float* sp = scores.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  TORCH_CHECK(block_size <= 256, "paged decode attention: block_size above 256 is not supported");
+  const int64_t head_size = head_dim * block_size, block_stride = num_kv_heads * head_size;
+  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
+      const int64_t len = lens[b];
+      for (int64_t j = 0; j * block_size < len; ++j) {
+        const float* kb = kp + bt[b * max_blocks + j] * block_stride + h * head_size;
+        const int64_t n = std::min(block_size, len - j * block_size);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qp + (b * num_heads + h * group + g) * head_dim;
+          float* out = sp + (b * num_heads + h * group + g) * max_len + j * block_size;
+          if (block_size == kLanes) {
+            block_scores<kLanes>(qg, kb, head_dim, fscale, n, out);
+          } else {
+            block_scores<0>(qg, kb, head_dim, fscale, n, out, block_size);
+          }
+        }
+      }
+    }
+  });
+  return scores;
+}
+
+// One query head's weighted sum over its request's value vectors. With a compile-time head size the
+// accumulator stays in registers while the values stream past (they stay in L2 across the group's heads).
+template <int64_t kHead>
+inline void head_values(const float* probs, const float* vp, const int64_t* table, int64_t len, int64_t block_size,
+                        int64_t block_stride, int64_t token_stride, float* out, int64_t head_dim = kHead) {
+  const int64_t hd = kHead ? kHead : head_dim;
+  float acc[kHead ? kHead : 512] = {};
+  for (int64_t start = 0, j = 0; start < len; start += block_size, ++j) {
+    const float* block = vp + table[j] * block_stride;
+    const int64_t n = std::min(block_size, len - start);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* v = block + t * token_stride;
+      const float p = probs[start + t];
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) acc[d] += p * v[d];
+    }
+  }
+  std::copy(acc, acc + hd, out);
+}
+
+// out[b, h] = sum_t probs[b, h, t] * v[b, t, h / group] over t < seq_lens[b].
+torch::Tensor paged_decode_values(torch::Tensor probs, torch::Tensor v_cache, torch::Tensor block_tables,
+                                  torch::Tensor seq_lens) {
+  probs = probs.contiguous();
+  block_tables = block_tables.contiguous();
+  seq_lens = seq_lens.contiguous();
+  const int64_t max_len = probs.size(2);
+  const int64_t head_dim = v_cache.size(3);
+  TORCH_CHECK(head_dim <= 512, "paged decode attention: head_dim above 512 is not supported");
+  auto out = torch::empty({probs.size(0), probs.size(1), head_dim}, probs.options());
+  const Layout s = layout_of(out, v_cache, block_tables);
+  const float* pp = probs.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, s.batch * s.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / s.num_kv_heads, h = task % s.num_kv_heads;
+      const int64_t* table = bt + b * s.max_blocks;
+      const float* vh = vp + h * s.head_stride;
+      for (int64_t g = 0; g < s.group; ++g) {
+        const int64_t row = b * s.num_heads + h * s.group + g;
+        const float* probs_row = pp + row * max_len;
+        float* out_row = op + row * s.head_dim;
+        if (s.head_dim == 64) {
+          head_values<64>(probs_row, vh, table, lens[b], s.block_size, s.block_stride, s.token_stride, out_row);
+        } else if (s.head_dim == 128) {
+          head_values<128>(probs_row, vh, table, lens[b], s.block_size, s.block_stride, s.token_stride, out_row);
+        } else {
+          head_values<0>(probs_row, vh, table, lens[b], s.block_size, s.block_stride, s.token_stride, out_row,
+                         s.head_dim);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Write the step's new keys and values into their cache slots (keys transposed per block).
+void write_kv_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+                    torch::Tensor slots) {
+  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "write_kv_cache: float32 tensors and contiguous caches only");
+  k = k.contiguous();
+  v = v.contiguous();
+  slots = slots.contiguous();
+  const int64_t num_tokens = k.size(0), num_kv_heads = k.size(1), head_dim = k.size(2);
+  const int64_t block_size = v_cache.size(1);
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t row = num_kv_heads * head_dim;
+  at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t block = sp[i] / block_size, offset = sp[i] % block_size;
+      std::copy(vp + i * row, vp + (i + 1) * row, vc + sp[i] * row);
+      float* kb = kc + block * block_size * row;
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        for (int64_t d = 0; d < head_dim; ++d) {
+          kb[(h * head_dim + d) * block_size + offset] = kp[i * row + h * head_dim + d];
+        }
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_scores", &paged_decode_scores, "q.k over paged keys (CPU, float32)");
+  m.def("write_kv_cache", &write_kv_cache, "store new keys (transposed per block) and values (CPU, float32)");
+  m.def("paged_decode_values", &paged_decode_values, "probs-weighted sum over paged values (CPU, float32)");
+}

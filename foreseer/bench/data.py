@@ -1,0 +1,41 @@
+"""Benchmark prompts from a ShareGPT-format JSON file (first human turn of each conversation)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+DEFAULT_DATASET = os.path.join("..", "shared", "datasets", "sharegpt_first_turns.json")
+
+
+def load_sharegpt_questions(path: str, num: int, skip: int = 0) -> list[str]:
+    """The first human turn of conversations `skip` .. `skip + num` that have one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"dataset {path!r} not found")
+    with open(path) as f:
+        data = json.load(f)
+    questions = []
+    for conversation in data:
+        turns = conversation.get("conversations") or []
+        text = next((t.get("value", "") for t in turns if t.get("from") == "human"), "").strip()
+        if text:
+            questions.append(text)
+    if len(questions) < skip + num:
+        raise ValueError(f"dataset {path!r} has {len(questions)} usable prompts; {skip + num} asked for")
+    return questions[skip:skip + num]
+
+
+def chat_prompt_ids(tokenizer, question: str, max_prompt_tokens: int) -> list[int]:
+    """The chat-templated prompt, the question shortened so that the whole prompt fits max_prompt_tokens."""
+
+    def render(text: str) -> list[int]:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+
+    ids = render(question)
+    content = tokenizer.encode(question, add_special_tokens=False)
+    keep = len(content) - (len(ids) - max_prompt_tokens)
+    while len(ids) > max_prompt_tokens:
+        ids = render(tokenizer.decode(content[:keep]))
+        keep -= 1
+    return ids

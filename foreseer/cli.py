@@ -1,0 +1,170 @@
+"""Command line: foreseer generate | chat | bench throughput."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from foreseer.bench.data import DEFAULT_DATASET
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default="smollm2-135m-instruct", help="model name, GGUF file or HF directory")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    group.add_argument("--device", default="auto")
+    group.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: a memory fraction)")
+    group.add_argument("--kv-cache-memory-fraction", type=float, default=0.2)
+    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--max-num-seqs", type=int, default=256)
+    group.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument("--scheduling-policy", default="fcfs")
+    group.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"])
+    group.add_argument("--no-prefix-caching", action="store_true")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=256)
+    group.add_argument("--temperature", type=float, default=0.0)
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--sampling-seed", type=int, default=None)
+    group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _make_llm(args: argparse.Namespace):
+    from foreseer import LLM
+
+    return LLM(
+        args.model, dtype=args.dtype, device=args.device, kv_cache_gib=args.kv_cache_gib,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, scheduling_policy=args.scheduling_policy,
+        attention_backend=args.attention_backend, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+    )
+
+
+def _sampling_params(args: argparse.Namespace):
+    from foreseer import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.sampling_seed, stop=args.stop)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _sampling_params(args)
+    if args.raw:
+        outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    else:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, use_tqdm=False)
+    status = 0
+    for prompt, out in zip(args.prompt, outputs):
+        if out.error:
+            print(f"error: {out.error}", file=sys.stderr)
+            status = 1
+            continue
+        if len(args.prompt) > 1:
+            print(f"### {prompt}")
+        print(out.outputs[0].text)
+    return status
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat that streams tokens as they are generated; an empty line or EOF ends it."""
+    llm = _make_llm(args)
+    params = _sampling_params(args)
+    engine = llm.engine
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    turn = 0
+    print("foreseer chat: type a message, an empty line or Ctrl-D to quit.", flush=True)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        try:
+            engine.add_request(f"chat-{turn}", llm.apply_chat_template(history), params)
+        except ValueError as error:
+            print(f"error: {error}", flush=True)
+            history.pop()
+            continue
+        turn += 1
+        printed = 0
+        reply = ""
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                reply = out.outputs[0].text
+                print(reply[printed:], end="", flush=True)
+                printed = len(reply)
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from foreseer.bench.throughput import ThroughputArgs, run
+
+    llm = _make_llm(args)
+    run(llm, ThroughputArgs(
+        dataset=args.dataset, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
+        max_prompt_tokens=args.max_prompt_tokens, compare=args.compare, hf_batch_size=args.hf_batch_size,
+        output_json=args.output_json,
+    ))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foreseer", description="Foreseer LLM inference engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate answers to prompts")
+    generate.add_argument("prompt", nargs="+", help="prompt(s); chat template applied unless --raw")
+    generate.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    _add_engine_args(generate)
+    _add_sampling_args(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser("chat", help="interactive chat, streaming tokens")
+    chat.add_argument("--system", default=None, help="system message")
+    _add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    throughput = bench.add_parser("throughput", help="offline throughput on ShareGPT prompts")
+    throughput.add_argument("--dataset", default=DEFAULT_DATASET)
+    throughput.add_argument("--num-prompts", type=int, default=200)
+    throughput.add_argument("--max-prompt-tokens", type=int, default=512)
+    throughput.add_argument("--max-tokens", type=int, default=256)
+    throughput.add_argument("--compare", choices=["hf"], default=None, help="also run this baseline")
+    throughput.add_argument("--hf-batch-size", type=int, default=32)
+    throughput.add_argument("--output-json", default=None)
+    _add_engine_args(throughput)
+    throughput.set_defaults(func=cmd_bench_throughput)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
