@@ -57,3 +57,21 @@ class CpuPagedAttention(TorchPagedAttention):
         tables, lens = metadata.decode_block_tables, metadata.decode_seq_lens
         scores = self.kernels.paged_decode_scores(q, k_cache, tables, lens, metadata.max_decode_seq_len, scale)
         return self.kernels.paged_decode_values(scores.softmax(dim=-1), v_cache, tables, lens)
+
+    def prefill(self, q, k, v, k_ctx, v_ctx, scale: float) -> torch.Tensor:
+        """Context and new tokens attended separately and merged by log-sum-exp: the new tokens keep the
+        causal kernel, which skips the masked half, instead of a dense masked attention over everything."""
+        if not len(k_ctx):
+            return super().prefill(q, k, v, k_ctx, v_ctx, scale)
+        group = q.shape[1] // k.shape[1]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [n, Hkv, D] -> [1, H, n, D]
+            return t.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+
+        qs = q.transpose(0, 1)[None]
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_new, lse_new = flash(qs, heads(k), heads(v), is_causal=True, scale=scale)
+        out_ctx, lse_ctx = flash(qs, heads(k_ctx), heads(v_ctx), is_causal=False, scale=scale)
+        lse = torch.logaddexp(lse_new, lse_ctx)
+        out = out_new * (lse_new - lse).exp()[..., None] + out_ctx * (lse_ctx - lse).exp()[..., None]
+        return out[0].transpose(0, 1)

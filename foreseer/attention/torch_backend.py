@@ -56,16 +56,27 @@ class TorchPagedAttention(AttentionBackend):
             out[:num_decodes] = self.decode(q[:num_decodes], k_cache, v_cache, metadata, scale)
         for seg in metadata.prefills:
             end = seg.query_start + seg.query_len
-            qs = q[seg.query_start:end].transpose(0, 1)  # [H, n, D]
-            if seg.context_len == 0:
-                ks, vs = k[seg.query_start:end].transpose(0, 1), v[seg.query_start:end].transpose(0, 1)
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-            else:
-                total = seg.context_len + seg.query_len
-                ks = self.gather_keys(k_cache, seg.block_table)[:total].transpose(0, 1)
-                vs = v_cache[seg.block_table].flatten(0, 1)[:total].transpose(0, 1)
-                # Query i sits at position context_len + i and sees keys 0..context_len + i.
-                mask = torch.ones(seg.query_len, total, dtype=torch.bool, device=q.device).tril(seg.context_len)
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[seg.query_start:end] = o.transpose(0, 1)
+            n_ctx_blocks = -(-seg.context_len // metadata.block_size)
+            table = seg.block_table[:n_ctx_blocks]
+            k_ctx = self.gather_keys(k_cache, table)[:seg.context_len]
+            v_ctx = v_cache[table].flatten(0, 1)[:seg.context_len]
+            out[seg.query_start:end] = self.prefill(
+                q[seg.query_start:end], k[seg.query_start:end], v[seg.query_start:end], k_ctx, v_ctx, scale
+            )
         return out
+
+    def prefill(self, q, k, v, k_ctx, v_ctx, scale: float) -> torch.Tensor:
+        """Causal attention of n new tokens over the cached context and themselves.
+
+        q: [n, H, D]; k, v: [n, Hkv, D]; k_ctx, v_ctx: [context_len, Hkv, D] -> [n, H, D].
+        """
+        qs = q.transpose(0, 1)
+        if not len(k_ctx):
+            o = F.scaled_dot_product_attention(qs, k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
+                                               scale=scale, enable_gqa=True)
+            return o.transpose(0, 1)
+        ks, vs = torch.cat([k_ctx, k]).transpose(0, 1), torch.cat([v_ctx, v]).transpose(0, 1)
+        # Query i sits at position context_len + i and sees keys 0..context_len + i.
+        mask = torch.ones(len(q), ks.shape[1], dtype=torch.bool, device=q.device).tril(len(k_ctx))
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        return o.transpose(0, 1)

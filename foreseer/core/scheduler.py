@@ -23,14 +23,12 @@ class Scheduler:
         self.policy = policy
         self.waiting: list[Request] = []
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
 
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
     def add_request(self, request: Request) -> None:
-        self.requests[request.request_id] = request
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
@@ -127,4 +125,3 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.metrics.finished_time = time.time()
-        del self.requests[request.request_id]
