@@ -1,4 +1,4 @@
-"""Command line: foreseer generate | chat | bench throughput."""
+"""Command line: foreseer generate | chat | serve | bench throughput | bench serve."""
 
 from __future__ import annotations
 
@@ -123,6 +123,30 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from foreseer.engine.async_engine import AsyncLLMEngine
+    from foreseer.server import create_app
+
+    engine = AsyncLLMEngine(_make_llm(args).engine, max_waiting_requests=args.max_waiting_requests)
+    app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key)
+    # uvicorn drains on SIGTERM: it stops listening, lets running requests finish, then the app stops the engine.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from foreseer.bench.serve import ServeBenchArgs, run
+
+    report = run(ServeBenchArgs(
+        base_url=args.base_url, model=args.model, dataset=args.dataset, num_prompts=args.num_prompts,
+        request_rate=args.request_rate, max_concurrency=args.max_concurrency, max_tokens=args.max_tokens,
+        seed=args.seed, api_key=args.api_key, output_json=args.output_json,
+    ))
+    return 0 if report["completed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foreseer", description="Foreseer LLM inference engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +175,31 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--output-json", default=None)
     _add_engine_args(throughput)
     throughput.set_defaults(func=cmd_bench_throughput)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    serve.add_argument("--max-waiting-requests", type=int, default=256,
+                       help="sequences that may wait for the engine; beyond, requests get 503 with Retry-After")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1 endpoints")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    bench_serve = bench.add_parser("serve", help="online serving benchmark against an OpenAI-compatible server")
+    bench_serve.add_argument("--base-url", default="http://127.0.0.1:8000")
+    bench_serve.add_argument("--model", default=None, help="model name to request (default: the server's first)")
+    bench_serve.add_argument("--dataset", default=DEFAULT_DATASET)
+    bench_serve.add_argument("--num-prompts", type=int, default=100)
+    bench_serve.add_argument("--request-rate", type=float, default=float("inf"),
+                             help="requests per second, Poisson arrivals; inf sends all at once")
+    bench_serve.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    bench_serve.add_argument("--max-tokens", type=int, default=256)
+    bench_serve.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    bench_serve.add_argument("--api-key", default=None)
+    bench_serve.add_argument("--output-json", default=None)
+    bench_serve.set_defaults(func=cmd_bench_serve)
     return parser
 
 

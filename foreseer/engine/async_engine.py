@@ -1,0 +1,326 @@
+"""The engine behind the server: one background thread steps the engine for every request at once.
+
+The engine is not thread-safe, so only that thread touches it. Event loops hand it work through a queue
+(processed between steps) and get outputs back through `loop.call_soon_threadsafe`. Outputs are
+cumulative, so a request's consumer only ever needs the newest one: a slow client costs no memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from foreseer.engine.engine import LLMEngine
+from foreseer.outputs import RequestOutput
+from foreseer.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class EngineOverloadedError(Exception):
+    """The waiting queue is full: the client should retry later."""
+
+
+class EngineNotRunningError(Exception):
+    """The engine is not started, is stopping, or failed."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot published by the engine thread; replaced as a whole, so readers in other threads see it whole."""
+
+    num_running: int = 0  # sequences (a request with n choices counts n)
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use
+    prompt_tokens: int = 0  # total, counted when a request's prefill completes
+    generation_tokens: int = 0  # total generated
+
+
+class RequestGroup:
+    """The engine requests of one API call (one per prompt), followed together from one event loop.
+
+    Iterate it for `(prompt_index, cumulative_output)` pairs until every request finished; `close()` aborts
+    the ones that have not (the client went away).
+    """
+
+    def __init__(self, request_ids: list[str], loop: asyncio.AbstractEventLoop,
+                 abort: Callable[[str], None]) -> None:
+        self.request_ids = request_ids
+        self._loop = loop
+        self._abort = abort
+        self._accepted: asyncio.Future[None] = loop.create_future()
+        self._ready = asyncio.Event()
+        self._latest: dict[int, RequestOutput] = {}
+        self._unfinished = set(range(len(request_ids)))
+        self._error: Exception | None = None
+
+    # Called on the event loop's thread, scheduled by the engine thread.
+    def _resolve(self, error: Exception | None) -> None:
+        if self._accepted.done():  # the caller gave up waiting
+            return
+        if error is None:
+            self._accepted.set_result(None)
+        else:
+            self._accepted.set_exception(error)
+
+    def _deliver(self, index: int, output: RequestOutput) -> None:
+        self._latest[index] = output
+        self._ready.set()
+
+    def _fail(self, error: Exception) -> None:
+        self._error = error
+        self._ready.set()
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        while self._unfinished:
+            await self._ready.wait()
+            self._ready.clear()
+            if self._error is not None:
+                raise self._error
+            latest, self._latest = self._latest, {}
+            for index in sorted(latest):
+                output = latest[index]
+                if output.finished:
+                    self._unfinished.discard(index)
+                yield index, output
+
+    def close(self) -> None:
+        """Abort the requests that have not finished; safe to call more than once."""
+        for index in self._unfinished:
+            self._abort(self.request_ids[index])
+        self._unfinished.clear()
+
+
+@dataclass
+class _Add:
+    group: RequestGroup
+    prompts: list[Prompt]
+    params: SamplingParams
+    arrival_time: float
+    num_sequences: int
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+@dataclass
+class _Entry:
+    group: RequestGroup
+    index: int
+    num_generated: int = 0  # tokens already counted in the stats
+
+
+class AsyncLLMEngine:
+    """Serves many concurrent callers from one engine thread, with a bounded waiting queue."""
+
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int = 256) -> None:
+        if max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.stats = EngineStats()
+        self._commands: queue.Queue[_Add | _Abort | _Stop] = queue.Queue()
+        # Guards admission: whether requests are accepted, and how many sequences are queued but not yet added.
+        self._lock = threading.Lock()
+        self._accepting = False
+        self._num_queued = 0
+        self._entries: dict[str, _Entry] = {}  # engine thread only
+        self._finished_listeners: list[Callable[[RequestOutput], None]] = []
+        self._thread: threading.Thread | None = None
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+
+    def add_finished_listener(self, listener: Callable[[RequestOutput], None]) -> None:
+        """Called from the engine thread with the final output of every request, aborted ones included."""
+        self._finished_listeners.append(listener)
+
+    @property
+    def is_running(self) -> bool:
+        return self._accepting
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the engine loop was already started")
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="foreseer-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Refuse new requests, abort those still unfinished, and wait for the engine thread to end."""
+        with self._lock:
+            self._accepting = False
+        if self._thread is None:
+            return
+        self._commands.put(_Stop())
+        await asyncio.to_thread(self._thread.join)
+
+    async def add_requests(self, request_id: str, prompts: list[Prompt], params: SamplingParams) -> RequestGroup:
+        """Queue one request per prompt, all or none; returns once the engine accepted them.
+
+        Raises ValueError (the input cannot be served), EngineOverloadedError or EngineNotRunningError.
+        """
+        if not prompts:
+            raise ValueError("prompt is empty")
+        request_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        num_sequences = len(prompts) * params.n
+        if num_sequences > self.max_waiting_requests:
+            raise ValueError(f"the request asks for {num_sequences} sequences (prompts times n); this server queues "
+                             f"at most {self.max_waiting_requests}")
+        group = RequestGroup(request_ids, asyncio.get_running_loop(), self._request_abort)
+        with self._lock:
+            if not self._accepting:
+                raise EngineNotRunningError("the engine is not running (shutting down or failed)")
+            if self.stats.num_waiting + self._num_queued + num_sequences > self.max_waiting_requests:
+                raise EngineOverloadedError(f"the server is overloaded: its queue of {self.max_waiting_requests} "
+                                            "waiting sequences is full; retry later")
+            self._num_queued += num_sequences
+            self._commands.put(_Add(group, list(prompts), params, time.time(), num_sequences))
+        try:
+            await group._accepted
+        except asyncio.CancelledError:
+            group.close()
+            raise
+        return group
+
+    def _request_abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    # -- the engine thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as error:
+            logger.exception("the engine loop failed; failing every request")
+            self._shut_down(EngineNotRunningError(f"the engine failed: {error}"))
+
+    def _serve(self) -> None:
+        while True:
+            # Block only when idle: with work in flight, commands are picked up between steps.
+            commands = self._take_commands(block=not self.engine.has_unfinished_requests())
+            stop = False
+            for command in commands:
+                if isinstance(command, _Add):
+                    self._add(command)
+                elif isinstance(command, _Abort):
+                    self._abort(command.request_id)
+                else:
+                    stop = True
+            self._publish_stats(sum(c.num_sequences for c in commands if isinstance(c, _Add)))
+            if stop:
+                self._shut_down(EngineNotRunningError("the engine stopped"))
+                return
+            if self.engine.has_unfinished_requests():
+                self._deliver(self.engine.step())
+                self._publish_stats(0)
+
+    def _take_commands(self, block: bool) -> list[_Add | _Abort | _Stop]:
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _add(self, command: _Add) -> None:
+        group = command.group
+        added: list[str] = []
+        try:
+            for request_id, prompt in zip(group.request_ids, command.prompts):
+                self.engine.add_request(request_id, prompt, command.params, arrival_time=command.arrival_time)
+                added.append(request_id)
+        except Exception as error:  # a request that cannot be served must never stop this thread
+            for request_id in added:
+                self.engine.abort_request(request_id)
+            if len(command.prompts) > 1 and isinstance(error, ValueError):
+                error = ValueError(f"prompt {len(added)}: {error}")
+            self._call(group, group._resolve, error)
+            return
+        for index, request_id in enumerate(added):
+            self._entries[request_id] = _Entry(group, index)
+        self._call(group, group._resolve, None)
+
+    def _abort(self, request_id: str) -> None:
+        entry = self._entries.pop(request_id, None)
+        output = self.engine.abort_request(request_id)
+        if entry is not None and output is not None:
+            self._notify_finished(output)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestGroup, int, RequestOutput]]] = {}
+        for output in outputs:
+            entry = self._entries[output.request_id]
+            num_generated = sum(len(c.token_ids) for c in output.outputs)
+            if entry.num_generated == 0 and num_generated:
+                self._prompt_tokens += len(output.prompt_token_ids)
+            self._generation_tokens += num_generated - entry.num_generated
+            entry.num_generated = num_generated
+            if output.finished:
+                del self._entries[output.request_id]
+                self._notify_finished(output)
+            deliveries.setdefault(entry.group._loop, []).append((entry.group, entry.index, output))
+        # One wake-up per event loop and step, not one per request.
+        for loop, items in deliveries.items():
+            self._call_soon(loop, _deliver_all, items)
+
+    def _notify_finished(self, output: RequestOutput) -> None:
+        for listener in self._finished_listeners:
+            try:
+                listener(output)
+            except Exception:
+                logger.exception("finished-request listener failed")
+
+    def _publish_stats(self, num_added: int) -> None:
+        scheduler = self.engine.scheduler
+        stats = EngineStats(len(scheduler.running), len(scheduler.waiting), self.engine.block_manager.usage,
+                            self._prompt_tokens, self._generation_tokens)
+        # Together, so that admission never sees the added sequences in neither count.
+        with self._lock:
+            self._num_queued -= num_added
+            self.stats = stats
+
+    def _shut_down(self, error: EngineNotRunningError) -> None:
+        """Fail the callers of what is left and of every queued request, refuse new ones, free the blocks."""
+        with self._lock:
+            self._accepting = False
+        entries, self._entries = self._entries, {}
+        for entry in entries.values():
+            self._call(entry.group, entry.group._fail, error)
+        for command in self._take_commands(block=False):
+            if isinstance(command, _Add):
+                self._call(command.group, command.group._resolve, error)
+        try:
+            for request_id in entries:
+                output = self.engine.abort_request(request_id)
+                if output is not None:
+                    self._notify_finished(output)
+            self._publish_stats(0)
+        except Exception:  # after a failed step the engine may be beyond repair; the callers know already
+            logger.exception("could not abort the remaining requests")
+
+    def _call(self, group: RequestGroup, method: Callable, *args) -> None:
+        self._call_soon(group._loop, method, *args)
+
+    @staticmethod
+    def _call_soon(loop: asyncio.AbstractEventLoop, function: Callable, *args) -> None:
+        try:
+            loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:  # the caller's event loop is closed: nobody is waiting any more
+            pass
+
+
+def _deliver_all(items: list[tuple[RequestGroup, int, RequestOutput]]) -> None:
+    for group, index, output in items:
+        group._deliver(index, output)

@@ -1,0 +1,451 @@
+"""The OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+
+Every request that cannot be served gets a 4xx with OpenAI's error body `{"error": {message, type, param,
+code}}`; a full waiting queue gets a 503 with Retry-After. A client that goes away has its requests aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from foreseer.engine.async_engine import AsyncLLMEngine, EngineNotRunningError, EngineOverloadedError, RequestGroup
+from foreseer.outputs import CompletionOutput, Logprob, RequestOutput
+from foreseer.sampling_params import SamplingParams
+from foreseer.server.metrics import ResponseCounter, ServerMetrics
+from foreseer.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    UsageInfo,
+)
+
+RETRY_AFTER_S = 1
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 error_type: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorResponse(error=ErrorInfo(
+            message=message, param=param, code=code,
+            type=error_type or ("invalid_request_error" if status < 500 else "server_error")))
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body.model_dump(), status_code=self.status, headers=self.headers)
+
+
+def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+    """The app owns the engine loop: it starts with the app and stops after the last connection closed."""
+    server = _Server(engine, served_model_name or engine.engine.config.model)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await engine.stop()
+
+    app = FastAPI(title="Foreseer", lifespan=lifespan)
+    app.post("/v1/completions", response_model=None)(server.completions)
+    app.post("/v1/chat/completions", response_model=None)(server.chat_completions)
+    app.get("/v1/models")(server.models)
+    app.get("/health")(server.health)
+    app.get("/metrics")(server.metrics_text)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(EngineOverloadedError, _overloaded)
+    app.add_exception_handler(EngineNotRunningError, _engine_not_running)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    if api_key is not None:
+        app.add_middleware(_RequireAPIKey, api_key=api_key)
+    app.add_middleware(ResponseCounter, metrics=server.metrics)  # outermost: counts 401s too
+    return app
+
+
+@dataclass
+class _ChoiceProgress:
+    """What a stream already sent for one choice."""
+
+    text: int = 0  # characters
+    tokens: int = 0
+    text_offset: int = 0  # of the next token, for completions' logprobs
+    finished: bool = False
+
+
+class _Server:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.created = int(time.time())
+        # The engine thread uses the engine's tokenizer; the event loop gets its own copy.
+        self.tokenizer = copy.deepcopy(engine.engine.tokenizer)
+        self._token_texts: dict[int, str] = {}
+        self.metrics = ServerMetrics(engine, ENDPOINTS)
+
+    # -- endpoints ------------------------------------------------------------------------------------
+    async def completions(self, body: CompletionRequest, raw: Request) -> Response:
+        self._check_request(body)
+        params = self._sampling_params(body, body.max_tokens, body.logprobs, {})
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        group = await self._submit(request_id, body.prompts(), params, "prompt", "max_tokens")
+        created = int(time.time())
+        if body.stream:
+            return _event_stream(self._completion_events(group, body, request_id, created), group)
+        outputs = await _collect(group, raw)
+        if outputs is None:
+            return _client_gone()
+        choices = [
+            CompletionChoice(
+                index=prompt_index * body.n + c.index, text=c.text,
+                logprobs=None if body.logprobs is None else self._completion_logprobs(c, 0, body.logprobs, 0),
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for prompt_index, output in sorted(outputs.items()) for c in output.outputs
+        ]
+        return _json(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
+                                        usage=_usage(outputs.values())))
+
+    async def chat_completions(self, body: ChatCompletionRequest, raw: Request) -> Response:
+        self._check_request(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+        num_top = (body.top_logprobs or 0) if body.logprobs else None
+        if body.max_completion_tokens is not None:
+            max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
+        params = self._sampling_params(body, max_tokens, num_top,
+                                       {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"})
+        prompt = self._render_chat(body)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        group = await self._submit(request_id, [prompt], params, "messages", max_tokens_param)
+        created = int(time.time())
+        if body.stream:
+            return _event_stream(self._chat_events(group, body, request_id, created, num_top), group)
+        outputs = await _collect(group, raw)
+        if outputs is None:
+            return _client_gone()
+        output = outputs[0]
+        choices = [
+            ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+                       logprobs=None if num_top is None else self._chat_logprobs(c, 0, num_top),
+                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for c in output.outputs
+        ]
+        return _json(ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
+                                            usage=_usage([output])))
+
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.created, root=self.engine.engine.config.model,
+                                         max_model_len=self.engine.engine.max_model_len)])
+
+    async def health(self) -> Response:
+        if not self.engine.is_running:
+            raise APIError(503, "the engine is not running", code="engine_not_running")
+        return Response(status_code=200)
+
+    async def metrics_text(self) -> Response:
+        content, content_type = self.metrics.exposition()
+        return Response(content, headers={"Content-Type": content_type})
+
+    # -- requests into the engine -----------------------------------------------------------------------
+    def _check_request(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+        if body.model != self.model_name:
+            raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{self.model_name}`",
+                           "model", code="model_not_found")
+        unsupported = body.unsupported()
+        if unsupported is not None:
+            raise APIError(400, f"{unsupported} is not supported by this server", unsupported,
+                           code="unsupported_parameter")
+
+    @staticmethod
+    def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
+                         logprobs: int | None, api_names: dict[str, str]) -> SamplingParams:
+        try:
+            return SamplingParams(
+                n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+                seed=body.seed, max_tokens=max_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
+                ignore_eos=body.ignore_eos, logprobs=logprobs,
+                include_stop_str_in_output=body.include_stop_str_in_output,
+                skip_special_tokens=body.skip_special_tokens)
+        except ValueError as error:
+            # "SamplingParams.<field> <problem>": report it under the API's name for that field.
+            match = re.fullmatch(r"SamplingParams\.(\w+) (.*)", str(error), re.DOTALL)
+            if match is None:
+                raise APIError(400, str(error)) from error
+            param = api_names.get(match[1], match[1])
+            raise APIError(400, f"{param} {match[2]}", param) from error
+
+    def _render_chat(self, body: ChatCompletionRequest) -> list[int]:
+        if self.tokenizer.chat_template is None:
+            raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+        try:
+            encoded = self.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True,
+                                                         tokenize=True, return_dict=True)
+        except (TemplateError, ValueError) as error:
+            raise APIError(400, f"the model's chat template rejected the messages: {error}", "messages") from error
+        return list(encoded["input_ids"])
+
+    async def _submit(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams,
+                      prompt_param: str, max_tokens_param: str) -> RequestGroup:
+        try:
+            return await self.engine.add_requests(request_id, prompts, params)
+        except ValueError as error:  # the engine's own checks: empty prompt, too long, max_tokens beyond context
+            message = str(error)
+            param = max_tokens_param if "max_tokens" in message else prompt_param
+            raise APIError(400, message, param) from error
+
+    # -- streams --------------------------------------------------------------------------------------
+    async def _completion_events(self, group: RequestGroup, body: CompletionRequest, request_id: str,
+                                 created: int) -> AsyncIterator[str]:
+        progress: dict[int, _ChoiceProgress] = {}
+        finals: list[RequestOutput] = []
+        async for prompt_index, output in group:
+            for c in output.outputs:
+                index = prompt_index * body.n + c.index
+                sent = progress.setdefault(index, _ChoiceProgress())
+                if sent.finished or not _has_news(c, sent, body.logprobs is not None):
+                    continue
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = self._completion_logprobs(c, sent.tokens, body.logprobs, sent.text_offset)
+                    sent.text_offset += sum(map(len, logprobs.tokens))
+                choice = CompletionChoice(index=index, text=c.text[sent.text:], logprobs=logprobs,
+                                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                _advance(sent, c)
+                yield _sse(CompletionResponse(id=request_id, created=created, model=self.model_name,
+                                              choices=[choice]))
+            if output.finished:
+                finals.append(output)
+        if body.include_usage:
+            yield _sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[],
+                                          usage=_usage(finals)))
+
+    async def _chat_events(self, group: RequestGroup, body: ChatCompletionRequest, request_id: str, created: int,
+                           num_top: int | None) -> AsyncIterator[str]:
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            return _sse(ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices,
+                                            usage=usage))
+
+        # As OpenAI does: the role first, before any token, which also starts the response at once.
+        for index in range(body.n):
+            yield chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+        progress = [_ChoiceProgress() for _ in range(body.n)]
+        final: RequestOutput | None = None
+        async for _, output in group:
+            for c in output.outputs:
+                sent = progress[c.index]
+                if sent.finished or not _has_news(c, sent, num_top is not None):
+                    continue
+                logprobs = None if num_top is None else self._chat_logprobs(c, sent.tokens, num_top)
+                choice = ChatStreamChoice(index=c.index, delta=ChatDelta(content=c.text[sent.text:]),
+                                          logprobs=logprobs, finish_reason=c.finish_reason,
+                                          stop_reason=c.stop_reason)
+                _advance(sent, c)
+                yield chunk([choice])
+            final = output
+        if body.include_usage and final is not None:
+            yield chunk([], _usage([final]))
+
+    # -- logprobs -------------------------------------------------------------------------------------
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def _top(self, logprobs: dict[int, Logprob], num_top: int) -> list[tuple[str, float]]:
+        ranked = sorted((lp.rank, token_id, lp.logprob) for token_id, lp in logprobs.items() if lp.rank <= num_top)
+        return [(self._token_text(token_id), logprob) for _, token_id, logprob in ranked]
+
+    def _completion_logprobs(self, c: CompletionOutput, start: int, num_top: int,
+                             text_offset: int) -> CompletionLogprobs:
+        result = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
+        for token_id, logprobs in zip(c.token_ids[start:], c.logprobs[start:]):
+            text = self._token_text(token_id)
+            result.tokens.append(text)
+            result.token_logprobs.append(logprobs[token_id].logprob)
+            result.top_logprobs.append(dict(self._top(logprobs, num_top)))
+            result.text_offset.append(text_offset)
+            text_offset += len(text)
+        return result
+
+    def _chat_logprobs(self, c: CompletionOutput, start: int, num_top: int) -> ChatLogprobs:
+        def entry(token: str, logprob: float) -> TopLogprob:
+            return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+        content = []
+        for token_id, logprobs in zip(c.token_ids[start:], c.logprobs[start:]):
+            chosen = entry(self._token_text(token_id), logprobs[token_id].logprob)
+            top = [entry(token, logprob) for token, logprob in self._top(logprobs, num_top)]
+            content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+
+def _has_news(c: CompletionOutput, sent: _ChoiceProgress, with_logprobs: bool) -> bool:
+    return (len(c.text) > sent.text or c.finish_reason is not None
+            or (with_logprobs and len(c.token_ids) > sent.tokens))
+
+
+def _advance(sent: _ChoiceProgress, c: CompletionOutput) -> None:
+    sent.text, sent.tokens, sent.finished = len(c.text), len(c.token_ids), c.finish_reason is not None
+
+
+def _usage(outputs: Iterable[RequestOutput]) -> UsageInfo:
+    outputs = list(outputs)
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def _sse(model: BaseModel) -> str:
+    return f"data: {model.model_dump_json()}\n\n"
+
+
+def _event_stream(events: AsyncIterator[str], group: RequestGroup) -> StreamingResponse:
+    async def framed() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except EngineNotRunningError as error:  # the engine failed or stopped mid-stream
+            yield _sse(APIError(503, str(error), code="engine_not_running").body)
+        finally:
+            group.close()  # the client went away (the generator is closed early): abort what is left
+        yield "data: [DONE]\n\n"
+
+    # The background task also aborts when Starlette cancels the stream on a disconnect between events.
+    return StreamingResponse(framed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                             background=BackgroundTask(group.close))
+
+
+async def _collect(group: RequestGroup, raw: Request) -> dict[int, RequestOutput] | None:
+    """The final output of each prompt, or None if the client disconnected first (its requests are aborted)."""
+
+    async def final_outputs() -> dict[int, RequestOutput]:
+        return {index: output async for index, output in group if output.finished}
+
+    collecting = asyncio.ensure_future(final_outputs())
+    disconnect = asyncio.ensure_future(_client_disconnected(raw))
+    try:
+        done, _ = await asyncio.wait((collecting, disconnect), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        collecting.cancel()
+        disconnect.cancel()
+        group.close()
+    return collecting.result() if collecting in done else None
+
+
+async def _client_disconnected(raw: Request) -> None:
+    # The body was read already, so the next message the server sends the app is the disconnect.
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _client_gone() -> Response:
+    return Response(status_code=499)  # nginx's "client closed request": nobody reads it, metrics count it
+
+
+class _RequireAPIKey:
+    """ASGI middleware: /v1 endpoints need `Authorization: Bearer <key>`; /health and /metrics stay open."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and not self._authorized(scope):
+            error = APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
+                             code="invalid_api_key")
+            await error.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key)
+
+
+# -- error handlers ---------------------------------------------------------------------------------------
+async def _api_error(_: Request, error: APIError) -> Response:
+    return error.response()
+
+
+async def _overloaded(_: Request, error: EngineOverloadedError) -> Response:
+    return APIError(503, str(error), code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}).response()
+
+
+async def _engine_not_running(_: Request, error: EngineNotRunningError) -> Response:
+    return APIError(503, str(error), code="engine_not_running").response()
+
+
+async def _invalid_request(_: Request, error: RequestValidationError) -> Response:
+    problems = error.errors()
+    if problems[0]["type"] == "json_invalid":
+        reason = problems[0].get("ctx", {}).get("error", "")
+        return APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json").response()
+    # Of the problems with the first field, the deepest is the most precise (e.g. inside one member of a union).
+    first = max((p for p in problems if p["loc"][:2] == problems[0]["loc"][:2]), key=lambda p: len(p["loc"]))
+    # loc is ("body", field, ...); union members add their type names (e.g. "list[int]"), which only confuse.
+    path = [str(p) for p in first["loc"][1:] if isinstance(p, int) or ("[" not in p and p not in ("str", "int"))]
+    param = ".".join(path) or None
+    message = f"{param}: {first['msg']}" if param else f"the request body: {first['msg']}"
+    if "input" in first and first["type"] != "missing" and param:
+        message += f" (got {_short(first['input'])})"
+    others = {p["loc"][:2] for p in problems} - {first["loc"][:2]}
+    if others:
+        message += f"; and problems with {len(others)} more field(s)"
+    return APIError(400, message, param, code="invalid_value").response()
+
+
+async def _http_error(_: Request, error: StarletteHTTPException) -> Response:
+    return APIError(error.status_code, str(error.detail), headers=error.headers).response()
+
+
+async def _unexpected_error(_: Request, error: Exception) -> Response:
+    # Starlette re-raises the error after this response, so the server logs it with its traceback.
+    return APIError(500, f"internal error: {error}").response()
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
