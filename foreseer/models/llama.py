@@ -71,6 +71,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    logits_slice = 2048  # vocabulary entries per matmul in compute_logits
     # HF checkpoint projections that live inside one fused projection here: name -> (fused name, shard index).
     stacked_params = {
         "q_proj": ("qkv_proj", 0),
@@ -93,7 +94,14 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits in vocabulary slices: each slice of the output stays in cache while it is written, which
+        keeps a large-vocabulary matmul near full speed on a CPU."""
+        weight = self.lm_head.weight
+        logits = torch.empty(hidden.shape[0], weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+        for start in range(0, weight.shape[0], self.logits_slice):
+            end = start + self.logits_slice
+            torch.mm(hidden, weight[start:end].t(), out=logits[:, start:end])
+        return logits.float()
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]

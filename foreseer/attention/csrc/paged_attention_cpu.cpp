@@ -34,20 +34,37 @@ Layout layout_of(const torch::Tensor& q, const torch::Tensor& cache, const torch
   return s;
 }
 
-// Scores of one query head against one key block stored [head_dim, block_size]. With a compile-time
-// block size the accumulators stay in registers.
+// Scores of the `kGroup` query heads that share a KV head against one key block stored
+// [head_dim, kLanes]: each key row is loaded once for all of them, and the kGroup * kLanes accumulators
+// are independent chains that stay in registers.
 constexpr int64_t kLanes = 16;
 
-template <int64_t kBlock>
-inline void block_scores(const float* q, const float* kb, int64_t head_dim, float scale, int64_t n, float* out,
-                         int64_t block_size = kBlock) {
-  const int64_t bs = kBlock ? kBlock : block_size;
-  float acc[kBlock ? kBlock : 256] = {};
+template <int64_t kGroup>
+inline void group_block_scores(const float* q, const float* kb, int64_t head_dim, float scale, int64_t n,
+                               float* out, int64_t out_stride) {
+  float acc[kGroup][kLanes] = {};
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const float* kd = kb + d * kLanes;
+    for (int64_t g = 0; g < kGroup; ++g) {
+      const float qd = q[g * head_dim + d];
+#pragma omp simd
+      for (int64_t t = 0; t < kLanes; ++t) acc[g][t] += qd * kd[t];
+    }
+  }
+  for (int64_t g = 0; g < kGroup; ++g) {
+    for (int64_t t = 0; t < n; ++t) out[g * out_stride + t] = acc[g][t] * scale;
+  }
+}
+
+// Any block size and group: one query head at a time.
+inline void block_scores(const float* q, const float* kb, int64_t head_dim, int64_t block_size, float scale,
+                         int64_t n, float* out) {
+  float acc[256] = {};
   for (int64_t d = 0; d < head_dim; ++d) {
     const float qd = q[d];
-    const float* kd = kb + d * bs;
+    const float* kd = kb + d * block_size;
 #pragma omp simd
-    for (int64_t t = 0; t < bs; ++t) acc[t] += qd * kd[t];
+    for (int64_t t = 0; t < block_size; ++t) acc[t] += qd * kd[t];
   }
   for (int64_t t = 0; t < n; ++t) out[t] = acc[t] * scale;
 }
@@ -84,13 +101,19 @@ torch::Tensor paged_decode_scores(torch::Tensor q, torch::Tensor k_cache, torch:
       for (int64_t j = 0; j * block_size < len; ++j) {
         const float* kb = kp + bt[b * max_blocks + j] * block_stride + h * head_size;
         const int64_t n = std::min(block_size, len - j * block_size);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qp + (b * num_heads + h * group + g) * head_dim;
-          float* out = sp + (b * num_heads + h * group + g) * max_len + j * block_size;
-          if (block_size == kLanes) {
-            block_scores<kLanes>(qg, kb, head_dim, fscale, n, out);
-          } else {
-            block_scores<0>(qg, kb, head_dim, fscale, n, out, block_size);
+        const float* qh = qp + (b * num_heads + h * group) * head_dim;
+        float* out = sp + (b * num_heads + h * group) * max_len + j * block_size;
+        if (block_size == kLanes && group == 1) {
+          group_block_scores<1>(qh, kb, head_dim, fscale, n, out, max_len);
+        } else if (block_size == kLanes && group == 2) {
+          group_block_scores<2>(qh, kb, head_dim, fscale, n, out, max_len);
+        } else if (block_size == kLanes && group == 3) {
+          group_block_scores<3>(qh, kb, head_dim, fscale, n, out, max_len);
+        } else if (block_size == kLanes && group == 4) {
+          group_block_scores<4>(qh, kb, head_dim, fscale, n, out, max_len);
+        } else {
+          for (int64_t g = 0; g < group; ++g) {
+            block_scores(qh + g * head_dim, kb, head_dim, block_size, fscale, n, out + g * max_len);
           }
         }
       }
