@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from foreseer.bench.data import DEFAULT_DATASET, load_sharegpt_questions
+from foreseer.bench.report import write_json
 
 
 @dataclass
@@ -167,10 +168,7 @@ async def _first_model(client: httpx.AsyncClient, headers: dict[str, str]) -> st
 def run(args: ServeBenchArgs) -> dict:
     report = asyncio.run(benchmark(args))
     print(format_report(report))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.output_json}")
+    write_json(report, args.output_json)
     return report
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -11,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from foreseer.bench.data import chat_prompt_ids, load_sharegpt_questions
+from foreseer.bench.report import write_json
 from foreseer.llm import LLM
 from foreseer.sampling_params import SamplingParams
 
@@ -155,10 +155,7 @@ def run(llm: LLM, args: ThroughputArgs) -> dict:
     processed = (ours.prompt_tokens + ours.output_tokens) / ours.elapsed_s
     report["compute_limit"] = compute_limit(llm, processed)
     print("compute limit:", _fmt(report["compute_limit"]))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.output_json}")
+    write_json(report, args.output_json)
     return report
 
 
