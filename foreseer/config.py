@@ -30,6 +30,39 @@ class SchedulerConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `speculative_config`): who drafts, and how many tokens at most."""
+
+    method: str
+    num_speculative_tokens: int = 5  # most draft tokens per request and step; the engine adapts below it
+    prompt_lookup_min: int = 1  # ngram: shortest and longest suffix n-gram to look up
+    prompt_lookup_max: int = 4
+
+    def __post_init__(self) -> None:
+        from foreseer.spec import PROPOSERS
+
+        _check(self.method in PROPOSERS, "speculative_config.method",
+               f"must be one of {', '.join(sorted(PROPOSERS))}, got {self.method!r}")
+        _check(isinstance(self.num_speculative_tokens, int) and self.num_speculative_tokens >= 1,
+               "speculative_config.num_speculative_tokens", "must be an integer >= 1")
+        _check(isinstance(self.prompt_lookup_min, int) and self.prompt_lookup_min >= 1,
+               "speculative_config.prompt_lookup_min", "must be an integer >= 1")
+        _check(isinstance(self.prompt_lookup_max, int) and self.prompt_lookup_max >= self.prompt_lookup_min,
+               "speculative_config.prompt_lookup_max", "must be an integer >= prompt_lookup_min")
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict | None) -> SpeculativeConfig | None:
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict or SpeculativeConfig, got {type(value).__name__}")
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        _check(not unknown, "speculative_config", f"has unknown keys {sorted(unknown)}")
+        _check("method" in value, "speculative_config", "needs a 'method'")
+        return cls(**value)
+
+
+@dataclass
 class EngineConfig:
     model: str = "smollm2-135m-instruct"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
@@ -39,6 +72,10 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative_config: SpeculativeConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -26,8 +26,64 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+@dataclass(kw_only=True)
+class SpeculationFigures:
+    """Speculative decoding counters: of one request (in its metrics) or of the whole engine."""
+
+    num_draft_tokens: int = 0  # drafted tokens that were verified
+    num_accepted_tokens: int = 0
+    num_verifications: int = 0  # steps that verified a draft
+    num_rejections: int = 0  # verifications that rejected a draft token
+    drafted_per_position: list[int] = field(default_factory=list)  # index i: drafts with an i-th token
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_drafted: int, num_accepted: int) -> None:
+        self.add(num_drafted, num_accepted, 1, int(num_accepted < num_drafted),
+                 [1] * num_drafted, [1] * num_accepted)
+
+    def absorb(self, other: SpeculationFigures) -> None:
+        self.add(other.num_draft_tokens, other.num_accepted_tokens, other.num_verifications, other.num_rejections,
+                 other.drafted_per_position, other.accepted_per_position)
+
+    def add(self, drafted: int, accepted: int, verifications: int, rejections: int,
+            drafted_per_position: list[int], accepted_per_position: list[int]) -> None:
+        self.num_draft_tokens += drafted
+        self.num_accepted_tokens += accepted
+        self.num_verifications += verifications
+        self.num_rejections += rejections
+        for counts, more in ((self.drafted_per_position, drafted_per_position),
+                             (self.accepted_per_position, accepted_per_position)):
+            counts.extend([0] * (len(more) - len(counts)))
+            for position, count in enumerate(more):
+                counts[position] += count
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """tau: tokens produced per verification (accepted drafts plus the target's own token)."""
+        if not self.num_verifications:
+            return None
+        return (self.num_accepted_tokens + self.num_verifications) / self.num_verifications
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """Of the drafts that reached position i, the share whose i-th token was accepted."""
+        return [a / d for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
+    def speculation_summary(self) -> dict:
+        return {
+            "num_draft_tokens": self.num_draft_tokens, "num_accepted_tokens": self.num_accepted_tokens,
+            "num_verifications": self.num_verifications, "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "acceptance_per_position": self.acceptance_per_position,
+        }
+
+
 @dataclass
-class RequestMetrics:
+class RequestMetrics(SpeculationFigures):
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

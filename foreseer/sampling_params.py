@@ -20,6 +20,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    use_speculation: bool = True  # False: this request opts out of the engine's speculative decoding
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ from foreseer.config import EngineConfig
 from foreseer.engine.async_engine import AsyncLLMEngine
 from foreseer.engine.engine import LLMEngine
 from foreseer.server import create_app
+from foreseer.spec.cost_model import StepCostModel
 
 TINY_ENGINE = {"kv_cache_gib": 0.01}
 REAL_MODEL = "smollm2-135m-instruct"
@@ -385,6 +386,25 @@ def test_metrics_count_requests_tokens_and_latencies(tiny_server, tiny_llama):
     idle = metrics(url)
     assert idle[("foreseer_num_requests_running", ())] == idle[("foreseer_num_requests_waiting", ())] == 0
     assert idle[("foreseer_kv_cache_usage_perc", ())] == 0
+
+
+def test_speculating_server_matches_offline_and_exports_acceptance(tiny_llama, offline):
+    with running_server(tiny_llama, speculative_config={"method": "ngram"}, **TINY_ENGINE) as (url, engine):
+        # The measured cost model of a tiny model on a busy machine is noise; pin one that always drafts.
+        engine.engine.speculator.cost = StepCostModel([1, 1024], [1.0, 1.0])
+        prompt = "the quick brown fox jumps over the lazy dog. " * 3
+        body = {"model": tiny_llama, "prompt": prompt, "max_tokens": 64, "ignore_eos": True, "temperature": 0}
+        completion = httpx.post(url + "/v1/completions", json=body).json()
+        want = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
+                                use_tqdm=False)[0]
+        assert completion["choices"][0]["text"] == want.outputs[0].text
+        assert wait_until(lambda: engine_is_idle(engine))
+        exported = metrics(url)
+    figures = engine.engine.spec_stats
+    assert exported[("foreseer_spec_decode_num_draft_tokens_total", ())] == figures.num_draft_tokens > 0
+    assert exported[("foreseer_spec_decode_num_accepted_tokens_total", ())] == figures.num_accepted_tokens
+    assert exported[("foreseer_spec_decode_num_drafted_tokens_per_pos_total", (("position", "0"),))] == \
+        figures.drafted_per_position[0]
 
 
 def test_overload_gets_503_with_retry_after(tiny_llama):

@@ -85,13 +85,20 @@ class BlockManager:
                 self.cached[block_hash] = block.block_id
 
     def free(self, request: Request) -> None:
+        self._release_tail(request, 0)
+
+    def free_unneeded_blocks(self, request: Request) -> None:
+        """Give back blocks beyond the request's tokens (slots of rejected speculative tokens)."""
+        self._release_tail(request, self.blocks_needed(request.num_tokens))
+
+    def _release_tail(self, request: Request, keep: int) -> None:
         # Tail blocks are freed first, so they are evicted before the shared prefix blocks.
-        for block_id in reversed(request.block_table):
+        for block_id in reversed(request.block_table[keep:]):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_blocks[block_id] = None
-        request.block_table = []
+        del request.block_table[keep:]
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

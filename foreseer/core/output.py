@@ -11,7 +11,8 @@ from foreseer.outputs import Logprob
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int  # tokens to compute this step: a prefill chunk, or 1 for a decode
+    num_new_tokens: int  # tokens to compute this step: a prefill chunk, or 1 for a decode, plus any drafts
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens to verify, after the rest
 
 
 @dataclass
@@ -30,7 +31,18 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    """Tokens sampled this step, for the requests whose scheduled tokens reached their end."""
+    """Tokens sampled this step, for the requests whose scheduled tokens reached their end: one token, or
+    the accepted drafts and the target's token after them (with the logprobs of each, where asked)."""
 
-    sampled: dict[str, int]
-    logprobs: dict[str, tuple[float, dict[int, Logprob] | None]] = field(default_factory=dict)
+    sampled: dict[str, list[int]]
+    logprobs: dict[str, list[tuple[float, dict[int, Logprob]]]] = field(default_factory=dict)
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did to a request: tokens appended (after stop checks) and drafts verified/accepted."""
+
+    request: Request
+    new_token_ids: list[int]
+    num_drafted: int = 0
+    num_accepted: int = 0

@@ -11,7 +11,7 @@ import time
 
 from foreseer.config import SchedulerConfig
 from foreseer.core.block_manager import BlockManager
-from foreseer.core.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from foreseer.core.output import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
 from foreseer.core.policies import SchedulingPolicy
 from foreseer.engine.request import Request, RequestStatus
 
@@ -28,6 +28,12 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def speculation_candidates(self) -> tuple[list[Request], int]:
+        """Running requests that decode next step, and about how many prefill tokens it computes beside them."""
+        decoding = [r for r in self.running if r.num_computed_tokens >= r.num_tokens - 1]
+        pending = sum(r.num_tokens - r.num_computed_tokens for r in self.running + self.waiting) - len(decoding)
+        return decoding, min(pending, max(self.config.max_num_batched_tokens - len(decoding), 0))
+
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
 
@@ -43,7 +49,9 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:  # preempted earlier in this step
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens + len(request.spec_token_ids), budget)
+            # Drafts (only ever on decoding requests) come last, so a short budget trims them first.
+            drafts = request.spec_token_ids[:max(num_new - 1, 0)]
             while not self.block_manager.allocate_slots(request, num_new):
                 victim = self._pick_victim(scheduled_ids) or request
                 self._preempt(victim)
@@ -51,7 +59,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new))
+                out.scheduled.append(ScheduledRequest(request, num_new, drafts))
                 scheduled_ids.add(request.request_id)
                 budget -= num_new
 
@@ -89,30 +97,40 @@ class Scheduler:
         self.block_manager.free(request)
         self.running.remove(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.metrics.num_preemptions += 1
         self.waiting.append(request)
 
-    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
-        """Advance computed tokens, append sampled tokens; returns the requests that got a new token."""
-        updated = []
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestUpdate]:
+        """Advance computed tokens, append sampled tokens up to any stop; one update per request that got some."""
+        updates = []
         for item in sched.scheduled:
             request = item.request
-            request.num_computed_tokens += item.num_new_tokens
+            tokens = result.sampled.get(request.request_id)
+            num_drafted = len(item.draft_token_ids)
+            # Rejected drafts' KV stays behind in the cache; it is simply not counted, so it gets overwritten.
+            num_accepted = len(tokens) - 1 if tokens and num_drafted else 0
+            request.num_computed_tokens += item.num_new_tokens - num_drafted + num_accepted
             self.block_manager.cache_computed_blocks(request)
-            token = result.sampled.get(request.request_id)
-            if token is None:
+            if tokens is None:
                 continue
-            request.append_token(token)
-            if request.request_id in result.logprobs:
-                logprob, top = result.logprobs[request.request_id]
-                request.cumulative_logprob += logprob
-                if top is not None:
+            logprobs = result.logprobs.get(request.request_id)
+            appended = []
+            for i, token in enumerate(tokens):
+                request.append_token(token)
+                appended.append(token)
+                if logprobs is not None:
+                    logprob, top = logprobs[i]
+                    request.cumulative_logprob += logprob
                     request.logprobs.append(top)
-            if request.check_stop():
-                self.finish_request(request, request.finish_reason)
-            updated.append(request)
-        return updated
+                if request.check_stop():
+                    self.finish_request(request, request.finish_reason)
+                    break
+            if num_drafted and not request.is_finished:
+                self.block_manager.free_unneeded_blocks(request)
+            updates.append(RequestUpdate(request, appended, num_drafted, num_accepted))
+        return updates
 
     def finish_request(self, request: Request, reason: str) -> None:
         if request.is_finished:

@@ -8,6 +8,7 @@ cumulative, so a request's consumer only ever needs the newest one: a slow clien
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import queue
 import threading
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from foreseer.engine.engine import LLMEngine
-from foreseer.outputs import RequestOutput
+from foreseer.outputs import RequestOutput, SpeculationFigures
 from foreseer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class EngineStats:
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use
     prompt_tokens: int = 0  # total, counted when a request's prefill completes
     generation_tokens: int = 0  # total generated
+    speculation: SpeculationFigures | None = None  # a copy of the engine's, when it speculates
 
 
 class RequestGroup:
@@ -284,8 +286,9 @@ class AsyncLLMEngine:
 
     def _publish_stats(self, num_added: int) -> None:
         scheduler = self.engine.scheduler
+        spec = self.engine.spec_stats
         stats = EngineStats(len(scheduler.running), len(scheduler.waiting), self.engine.block_manager.usage,
-                            self._prompt_tokens, self._generation_tokens)
+                            self._prompt_tokens, self._generation_tokens, None if spec is None else copy.deepcopy(spec))
         # Together, so that admission never sees the added sequences in neither count.
         with self._lock:
             self._num_queued -= num_added

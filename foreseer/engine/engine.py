@@ -12,8 +12,10 @@ from foreseer.core.scheduler import Scheduler
 from foreseer.engine.detokenizer import IncrementalDetokenizer
 from foreseer.engine.request import Request
 from foreseer.models.loader import load_model_config, load_tokenizer, resolve_model
-from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpeculationFigures
 from foreseer.sampling_params import SamplingParams
+from foreseer.spec import PROPOSERS
+from foreseer.spec.speculator import Speculator
 from foreseer.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class _ParentRequest:
             num_cached_tokens=requests[0].metrics.num_cached_tokens,
             num_preemptions=sum(r.metrics.num_preemptions for r in requests),
         )
+        for request in requests:
+            metrics.absorb(request.metrics)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions, finished, metrics)
 
 
@@ -79,8 +83,21 @@ class LLMEngine:
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager, get_policy(config.scheduler.policy))
+        self.speculator = self._make_speculator()
         self.parents: dict[str, _ParentRequest] = {}
         self._sequences: dict[str, tuple[_ParentRequest, _Sequence]] = {}  # child request id -> its place
+
+    def _make_speculator(self) -> Speculator | None:
+        spec = self.config.speculative_config
+        if spec is None:
+            return None
+        budget = self.config.scheduler.max_num_batched_tokens
+        counts = sorted({min(n, budget) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)})
+        return Speculator(spec, PROPOSERS[spec.method](spec), self.runner.measure_step_costs(counts))
+
+    @property
+    def spec_stats(self) -> SpeculationFigures | None:
+        return None if self.speculator is None else self.speculator.stats
 
     # -- requests -------------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -152,6 +169,8 @@ class LLMEngine:
     # -- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns the outputs of requests that advanced."""
+        if self.speculator is not None:
+            self.speculator.propose(*self.scheduler.speculation_candidates())
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.num_unfinished:
@@ -159,17 +178,12 @@ class LLMEngine:
             return []
         result = self.runner.execute(sched)
         touched: dict[str, _ParentRequest] = {}
-        for request in self.scheduler.update_from_output(sched, result):
+        for update in self.scheduler.update_from_output(sched, result):
+            request = update.request
+            if update.num_drafted:
+                self.speculator.record(request, update.num_drafted, update.num_accepted)
             parent, seq = self._sequences[request.request_id]
-            stop = seq.detokenizer.update(request.token_ids[-1])
-            if stop is not None:  # a stop string wins over a length limit reached in the same step
-                if request.is_finished:
-                    request.finish_reason = "stop"
-                else:
-                    self.scheduler.finish_request(request, "stop")
-                request.stop_reason = stop
-            if request.is_finished:
-                seq.detokenizer.flush()
+            self._detokenize(request, seq, update.new_token_ids)
             touched[parent.request_id] = parent
         outputs = []
         for parent in touched.values():
@@ -180,3 +194,27 @@ class LLMEngine:
                     del self._sequences[seq.request.request_id]
             outputs.append(output)
         return outputs
+
+    def _detokenize(self, request: Request, seq: _Sequence, new_token_ids: list[int]) -> None:
+        for i, token in enumerate(new_token_ids):
+            stop = seq.detokenizer.update(token)
+            if stop is None:
+                continue
+            # A stop string wins over a length limit reached in the same step; tokens after it are dropped.
+            self._drop_last_tokens(request, len(new_token_ids) - i - 1)
+            if request.is_finished:
+                request.finish_reason = "stop"
+            else:
+                self.scheduler.finish_request(request, "stop")
+            request.stop_reason = stop
+            break
+        if request.is_finished:
+            seq.detokenizer.flush()
+
+    @staticmethod
+    def _drop_last_tokens(request: Request, count: int) -> None:
+        """Forget the last `count` generated tokens (accepted drafts that came after a stop string)."""
+        for _ in range(count):
+            token = request.token_ids.pop()
+            if request.logprobs:
+                request.cumulative_logprob -= request.logprobs.pop()[token].logprob

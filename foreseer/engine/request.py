@@ -53,6 +53,7 @@ class Request:
         self.logprobs: list[dict[int, Logprob]] = []
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.spec_token_ids: list[int] = []  # draft tokens to verify in the next step
 
     @property
     def num_tokens(self) -> int:

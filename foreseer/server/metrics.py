@@ -77,6 +77,21 @@ class _EngineCollector(Collector):
                                 stats.kv_cache_usage)
         yield CounterMetricFamily("foreseer_prompt_tokens", "Prompt tokens prefilled", stats.prompt_tokens)
         yield CounterMetricFamily("foreseer_generation_tokens", "Tokens generated", stats.generation_tokens)
+        spec = stats.speculation
+        if spec is None:
+            return
+        yield CounterMetricFamily("foreseer_spec_decode_num_draft_tokens", "Draft tokens verified",
+                                  spec.num_draft_tokens)
+        yield CounterMetricFamily("foreseer_spec_decode_num_accepted_tokens", "Draft tokens accepted",
+                                  spec.num_accepted_tokens)
+        yield CounterMetricFamily("foreseer_spec_decode_num_verifications", "Verifications of a request's draft",
+                                  spec.num_verifications)
+        for name, counts in (("drafted", spec.drafted_per_position), ("accepted", spec.accepted_per_position)):
+            family = CounterMetricFamily(f"foreseer_spec_decode_num_{name}_tokens_per_pos",
+                                         f"Draft tokens {name}, by position in the draft", labels=["position"])
+            for position, count in enumerate(counts):
+                family.add_metric([str(position)], count)
+            yield family
 
 
 class ResponseCounter:

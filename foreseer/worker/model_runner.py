@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 
 import torch
 
@@ -12,6 +14,7 @@ from foreseer.core.output import ModelRunnerOutput, SchedulerOutput
 from foreseer.models.config import ModelConfig
 from foreseer.models.loader import ModelSource, iter_weights
 from foreseer.models.registry import build_model
+from foreseer.spec.cost_model import StepCostModel
 from foreseer.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -102,21 +105,25 @@ class ModelRunner:
         prefills: list[PrefillSegment] = []
         sample_index: list[int] = []
         sample_requests = []
+        sample_drafts = []
         for item in items:
             request, start, n = item.request, item.request.num_computed_tokens, item.num_new_tokens
+            drafts = item.draft_token_ids
             table = request.block_table
             query_start = len(input_ids)
-            input_ids.extend(request.token_ids[start:start + n])
+            input_ids.extend(request.token_ids[start:start + n - len(drafts)] + drafts)
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             if n == 1:
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
-            else:
+            else:  # a prefill chunk, or a token and its drafts to verify: causal over the cached context
                 prefills.append(PrefillSegment(query_start, n, start, torch.tensor(table, device=self.device)))
-            if start + n == request.num_tokens:
-                sample_index.append(len(input_ids) - 1)
+            if start + n - len(drafts) == request.num_tokens:
+                # Logits at the last real token and at each draft: the distributions that verify the drafts.
+                sample_index.extend(range(len(input_ids) - len(drafts) - 1, len(input_ids)))
                 sample_requests.append(request)
+                sample_drafts.append(drafts)
 
         max_blocks = max((len(t) for t in decode_tables), default=0)
         metadata = AttentionMetadata(
@@ -134,7 +141,32 @@ class ModelRunner:
         if not sample_requests:
             return ModelRunnerOutput(sampled={})
         logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
-        tokens, logprobs = self.sampler(logits, sample_requests)
+        tokens, logprobs = self.sampler(logits, sample_requests, sample_drafts)
         return ModelRunnerOutput(
             sampled={r.request_id: t for r, t in zip(sample_requests, tokens)}, logprobs=logprobs
         )
+
+    @torch.inference_mode()
+    def measure_step_costs(self, token_counts: Sequence[int], repeats: int = 3) -> StepCostModel:
+        """Time a step of n one-token decodes (forward and logits) for each n, on a cache nobody uses yet."""
+        bs = self.block_size
+        counts = [n for n in token_counts if -(-n // bs) <= self.num_blocks]
+        seconds = []
+        for n in [counts[0], *counts]:  # the first run warms up (kernel loading, allocations) and is dropped
+            slots = torch.arange(n, device=self.device)
+            metadata = AttentionMetadata(
+                slot_mapping=slots, num_decode_tokens=n, decode_block_tables=(slots // bs)[:, None],
+                decode_seq_lens=slots % bs + 1, max_decode_seq_len=min(n, bs), prefills=[], block_size=bs,
+            )
+            best = float("inf")
+            for _ in range(repeats):
+                begin = time.perf_counter()
+                with forward_context(self.backend, metadata):
+                    hidden = self.model(torch.zeros_like(slots), slots % bs)
+                self.model.compute_logits(hidden)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                best = min(best, time.perf_counter() - begin)
+            seconds.append(best)
+        logger.info("step cost: %s", ", ".join(f"{n} tok {t * 1e3:.1f} ms" for n, t in zip(counts, seconds[1:])))
+        return StepCostModel(counts, seconds[1:])

@@ -6,6 +6,7 @@ import torch
 
 from foreseer.engine.request import Request
 from foreseer.outputs import Logprob
+from foreseer.spec.rejection import accept_greedy, rejection_sample
 
 
 class Sampler:
@@ -14,22 +15,33 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(
-        self, logits: torch.Tensor, requests: list[Request]
-    ) -> tuple[list[int], dict[str, tuple[float, dict[int, Logprob] | None]]]:
-        """logits: [S, V] float32, one row per request. Returns tokens and, where asked, logprobs."""
-        tokens = logits.argmax(dim=-1)
-        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]]
+    ) -> tuple[list[list[int]], dict[str, list[tuple[float, dict[int, Logprob]]]]]:
+        """logits: [S, V] float32, 1 + len(drafts[i]) consecutive rows for request i (the draft positions,
+        then the one after them). Returns each request's emitted tokens and, where asked, their logprobs."""
+        row_requests = [r for r, d in zip(requests, drafts) for _ in range(len(d) + 1)]
+        argmax = logits.argmax(dim=-1).tolist()
+        random_rows = [i for i, r in enumerate(row_requests) if not r.params.greedy]
+        probs = None
         if random_rows:
-            probs = self._processed_probs(logits[random_rows], [requests[i] for i in random_rows])
-            for row, i in enumerate(random_rows):
-                generator = requests[i].generator or self.generator
-                tokens[i] = torch.multinomial(probs[row], 1, generator=generator)[0]
-        token_list = tokens.tolist()
-        logprobs = {}
-        for i, request in enumerate(requests):
+            probs = self._processed_probs(logits[random_rows], [row_requests[i] for i in random_rows])
+            row_of = {row: i for i, row in enumerate(random_rows)}
+        tokens, logprobs = [], {}
+        start = 0
+        for request, draft in zip(requests, drafts):
+            end = start + len(draft) + 1
+            if request.params.greedy:
+                emitted = accept_greedy(draft, argmax[start:end])
+            else:
+                target = probs[row_of[start]:row_of[start] + len(draft) + 1]
+                emitted = rejection_sample(target, draft, None, request.generator or self.generator)
+            tokens.append(emitted)
             if request.params.logprobs is not None:
-                logprobs[request.request_id] = _logprobs(logits[i], token_list[i], request.params.logprobs)
-        return token_list, logprobs
+                logprobs[request.request_id] = [
+                    _logprobs(logits[start + i], token, request.params.logprobs) for i, token in enumerate(emitted)
+                ]
+            start = end
+        return tokens, logprobs
 
     @staticmethod
     def _processed_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
