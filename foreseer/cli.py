@@ -1,8 +1,9 @@
-"""Command line: foreseer generate | chat | serve | bench throughput | bench serve."""
+"""Command line: foreseer generate | chat | serve | bench throughput | bench serve | bench spec."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from foreseer.bench.data import DEFAULT_DATASET
@@ -23,6 +24,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"])
     group.add_argument("--no-prefix-caching", action="store_true")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--speculative-config", type=json.loads, default=None,
+                       help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 5}\'')
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +48,7 @@ def _make_llm(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, scheduling_policy=args.scheduling_policy,
         attention_backend=args.attention_backend, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+        speculative_config=args.speculative_config,
     )
 
 
@@ -123,6 +127,25 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_spec(args: argparse.Namespace) -> int:
+    from foreseer.bench.spec import SpecBenchArgs, run
+
+    # --speculative-config gives further options (e.g. prompt_lookup_max) to every method's engine.
+    options = {k: v for k, v in (args.speculative_config or {}).items()
+               if k not in ("method", "num_speculative_tokens")}
+
+    def make_llm(spec: dict | None):
+        return _make_llm(argparse.Namespace(**{**vars(args), "speculative_config": spec}))
+
+    run(make_llm, SpecBenchArgs(
+        dataset=args.dataset, methods=args.methods, num_speculative_tokens=args.num_speculative_tokens,
+        batch_sizes=args.batch_sizes, num_prompts=args.num_prompts, batch_1_prompts=args.batch_1_prompts,
+        max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, spec_options=options,
+        output_json=args.output_json, plot=args.plot,
+    ))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -175,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--output-json", default=None)
     _add_engine_args(throughput)
     throughput.set_defaults(func=cmd_bench_throughput)
+
+    spec = bench.add_parser("spec", help="speculative decoding against none, by batch size, on two prompt sets")
+    spec.add_argument("--dataset", default=DEFAULT_DATASET)
+    spec.add_argument("--methods", nargs="+", default=None, help="draft methods (default: all)")
+    spec.add_argument("--num-speculative-tokens", type=int, default=5)
+    spec.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="requests in flight together")
+    spec.add_argument("--num-prompts", type=int, default=32, help="prompts per set")
+    spec.add_argument("--batch-1-prompts", type=int, default=8, help="prompts per set at batch size 1")
+    spec.add_argument("--max-prompt-tokens", type=int, default=512)
+    spec.add_argument("--max-tokens", type=int, default=128)
+    spec.add_argument("--output-json", default=None)
+    spec.add_argument("--plot", default=None, help="PNG of the speedup against batch size")
+    _add_engine_args(spec)
+    spec.set_defaults(func=cmd_bench_spec)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
     serve.add_argument("--host", default="127.0.0.1")

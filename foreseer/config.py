@@ -34,9 +34,18 @@ class SpeculativeConfig:
     """Speculative decoding (vLLM's `speculative_config`): who drafts, and how many tokens at most."""
 
     method: str
-    num_speculative_tokens: int = 5  # most draft tokens per request and step; the engine adapts below it
+    num_speculative_tokens: int = 5  # deepest draft per request and step; the engine adapts below it
+    tree_width: int = 1  # most alternatives per draft (1: a chain; more: a token tree verified at once)
     prompt_lookup_min: int = 1  # ngram: shortest and longest suffix n-gram to look up
     prompt_lookup_max: int = 4
+    medusa_heads: str | None = None  # medusa: directory of trained heads (default: those shipped for the model)
+    draft_model: str | None = None  # draft: a model with the target's tokenizer (default: the target itself)
+    draft_quantization: str = "int8"  # draft: "int8" (int8 weights) or "none"
+    skip_layers: list[int] | None = None  # layer_skip: layers to skip (default: those searched for the model)
+    # draft, layer_skip: a request stops drafting at a token the draft is less sure of than this; it adapts so
+    # that acceptance stays near target_acceptance (Draft & Verify)
+    draft_confidence: float = 0.3
+    target_acceptance: float = 0.8
 
     def __post_init__(self) -> None:
         from foreseer.spec import PROPOSERS
@@ -45,10 +54,20 @@ class SpeculativeConfig:
                f"must be one of {', '.join(sorted(PROPOSERS))}, got {self.method!r}")
         _check(isinstance(self.num_speculative_tokens, int) and self.num_speculative_tokens >= 1,
                "speculative_config.num_speculative_tokens", "must be an integer >= 1")
+        _check(isinstance(self.tree_width, int) and self.tree_width >= 1, "speculative_config.tree_width",
+               "must be an integer >= 1")
         _check(isinstance(self.prompt_lookup_min, int) and self.prompt_lookup_min >= 1,
                "speculative_config.prompt_lookup_min", "must be an integer >= 1")
         _check(isinstance(self.prompt_lookup_max, int) and self.prompt_lookup_max >= self.prompt_lookup_min,
                "speculative_config.prompt_lookup_max", "must be an integer >= prompt_lookup_min")
+        _check(self.draft_quantization in ("int8", "none"), "speculative_config.draft_quantization",
+               f"must be 'int8' or 'none', got {self.draft_quantization!r}")
+        _check(self.skip_layers is None or (isinstance(self.skip_layers, list) and all(
+            isinstance(i, int) and i >= 0 for i in self.skip_layers)), "speculative_config.skip_layers",
+            "must be a list of layer indices")
+        for name in ("draft_confidence", "target_acceptance"):
+            value = getattr(self, name)
+            _check(isinstance(value, int | float) and 0 <= value < 1, f"speculative_config.{name}", "must be in [0, 1)")
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict | None) -> SpeculativeConfig | None:

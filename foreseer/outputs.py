@@ -34,12 +34,12 @@ class SpeculationFigures:
     num_accepted_tokens: int = 0
     num_verifications: int = 0  # steps that verified a draft
     num_rejections: int = 0  # verifications that rejected a draft token
-    drafted_per_position: list[int] = field(default_factory=list)  # index i: drafts with an i-th token
+    drafted_per_position: list[int] = field(default_factory=list)  # index i: drafts reaching position i
     accepted_per_position: list[int] = field(default_factory=list)
 
-    def record(self, num_drafted: int, num_accepted: int) -> None:
-        self.add(num_drafted, num_accepted, 1, int(num_accepted < num_drafted),
-                 [1] * num_drafted, [1] * num_accepted)
+    def record(self, num_drafted: int, depth: int, num_accepted: int) -> None:
+        """One verification of `num_drafted` tokens covering `depth` positions (a tree has more tokens)."""
+        self.add(num_drafted, num_accepted, 1, int(num_accepted < depth), [1] * depth, [1] * num_accepted)
 
     def absorb(self, other: SpeculationFigures) -> None:
         self.add(other.num_draft_tokens, other.num_accepted_tokens, other.num_verifications, other.num_rejections,

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from foreseer import LLM, SamplingParams
 from foreseer.engine.request import Request
+from foreseer.spec.tree import DraftTree
 from foreseer.worker.sampler import Sampler
 
 
@@ -60,7 +61,7 @@ def test_sampling_distribution_matches_filtered_probabilities(kwargs, allowed):
     logits = probs.log().repeat(4000, 1)
     params = SamplingParams(temperature=1.0, **kwargs)
     requests = [Request(str(i), [1], params, 1, set()) for i in range(4000)]
-    tokens, _ = Sampler(seed=0)(logits, requests, [[] for _ in requests])
+    tokens, _, _ = Sampler(seed=0)(logits, requests, [DraftTree() for _ in requests])
     counts = torch.bincount(torch.tensor([t for (t,) in tokens]), minlength=4).float()
     expected = torch.zeros(4)
     expected[allowed] = probs[allowed] / probs[allowed].sum()

@@ -16,6 +16,8 @@ class PrefillSegment:
     query_len: int
     context_len: int  # tokens already in the KV cache before this step
     block_table: torch.Tensor  # [num_blocks] int64
+    # [query_len, query_len] bool, which new tokens each new token sees (a token tree); None: causal
+    tree_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -49,6 +51,10 @@ class AttentionBackend(ABC):
         kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata, scale: float,
     ) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D]; returns [T, H, D]."""
+
+    @abstractmethod
+    def move_kv(self, kv_cache: tuple[torch.Tensor, torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the cached K/V of slots `src` to slots `dst` (an accepted tree path, packed after its root)."""
 
 
 def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:

@@ -50,6 +50,10 @@ class CpuPagedAttention(TorchPagedAttention):
     def write_kv(self, k_cache, v_cache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.kernels.write_kv_cache(k, v, k_cache, v_cache, slots)
 
+    def move_keys(self, k_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        block_size = k_cache.shape[-1]
+        k_cache[dst // block_size, :, :, dst % block_size] = k_cache[src // block_size, :, :, src % block_size]
+
     def gather_keys(self, k_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
         return k_cache[block_tables].movedim(-1, -3).flatten(-4, -3)
 
@@ -58,11 +62,11 @@ class CpuPagedAttention(TorchPagedAttention):
         scores = self.kernels.paged_decode_scores(q, k_cache, tables, lens, metadata.max_decode_seq_len, scale)
         return self.kernels.paged_decode_values(scores.softmax(dim=-1), v_cache, tables, lens)
 
-    def prefill(self, q, k, v, k_ctx, v_ctx, scale: float) -> torch.Tensor:
+    def prefill(self, q, k, v, k_ctx, v_ctx, scale: float, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Context and new tokens attended separately and merged by log-sum-exp: the new tokens keep the
         causal kernel, which skips the masked half, instead of a dense masked attention over everything."""
         if not len(k_ctx):
-            return super().prefill(q, k, v, k_ctx, v_ctx, scale)
+            return super().prefill(q, k, v, k_ctx, v_ctx, scale, tree_mask)
         group = q.shape[1] // k.shape[1]
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # [n, Hkv, D] -> [1, H, n, D]
@@ -70,7 +74,11 @@ class CpuPagedAttention(TorchPagedAttention):
 
         qs = q.transpose(0, 1)[None]
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out_new, lse_new = flash(qs, heads(k), heads(v), is_causal=True, scale=scale)
+        if tree_mask is None:
+            out_new, lse_new = flash(qs, heads(k), heads(v), is_causal=True, scale=scale)
+        else:  # the kernel takes an additive mask of the query's dtype
+            additive = torch.zeros(tree_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~tree_mask, -torch.inf)
+            out_new, lse_new = flash(qs, heads(k), heads(v), attn_mask=additive, scale=scale)
         out_ctx, lse_ctx = flash(qs, heads(k_ctx), heads(v_ctx), is_causal=False, scale=scale)
         lse = torch.logaddexp(lse_new, lse_ctx)
         out = out_new * (lse_new - lse).exp()[..., None] + out_ctx * (lse_ctx - lse).exp()[..., None]

@@ -30,6 +30,16 @@ class TorchPagedAttention(AttentionBackend):
         k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
         v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
 
+    def move_kv(self, kv_cache, src: torch.Tensor, dst: torch.Tensor) -> None:
+        k_cache, v_cache = kv_cache
+        self.move_keys(k_cache, src, dst)
+        values = v_cache.view(-1, *v_cache.shape[2:])
+        values[dst] = values[src]
+
+    def move_keys(self, k_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        keys = k_cache.view(-1, *k_cache.shape[2:])
+        keys[dst] = keys[src]
+
     def gather_keys(self, k_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
         """Keys of the blocks in block_tables [..., n]: [..., n * block_size, Hkv, D]."""
         return k_cache[block_tables].flatten(-4, -3)
@@ -61,22 +71,26 @@ class TorchPagedAttention(AttentionBackend):
             k_ctx = self.gather_keys(k_cache, table)[:seg.context_len]
             v_ctx = v_cache[table].flatten(0, 1)[:seg.context_len]
             out[seg.query_start:end] = self.prefill(
-                q[seg.query_start:end], k[seg.query_start:end], v[seg.query_start:end], k_ctx, v_ctx, scale
+                q[seg.query_start:end], k[seg.query_start:end], v[seg.query_start:end], k_ctx, v_ctx, scale,
+                seg.tree_mask,
             )
         return out
 
-    def prefill(self, q, k, v, k_ctx, v_ctx, scale: float) -> torch.Tensor:
-        """Causal attention of n new tokens over the cached context and themselves.
+    def prefill(self, q, k, v, k_ctx, v_ctx, scale: float, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of n new tokens over the cached context and themselves: causal among the new tokens,
+        or as `tree_mask` [n, n] says (a token tree).
 
         q: [n, H, D]; k, v: [n, Hkv, D]; k_ctx, v_ctx: [context_len, Hkv, D] -> [n, H, D].
         """
         qs = q.transpose(0, 1)
-        if not len(k_ctx):
+        if not len(k_ctx) and tree_mask is None:
             o = F.scaled_dot_product_attention(qs, k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
                                                scale=scale, enable_gqa=True)
             return o.transpose(0, 1)
         ks, vs = torch.cat([k_ctx, k]).transpose(0, 1), torch.cat([v_ctx, v]).transpose(0, 1)
         # Query i sits at position context_len + i and sees keys 0..context_len + i.
         mask = torch.ones(len(q), ks.shape[1], dtype=torch.bool, device=q.device).tril(len(k_ctx))
+        if tree_mask is not None:
+            mask[:, len(k_ctx):] = tree_mask
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         return o.transpose(0, 1)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from foreseer.engine.request import Request
+if TYPE_CHECKING:  # the request module imports the speculative decoding package, which uses block managers
+    from foreseer.engine.request import Request
 
 
 @dataclass

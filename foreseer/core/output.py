@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from foreseer.engine.request import Request
 from foreseer.outputs import Logprob
+from foreseer.spec.tree import DraftTree
 
 
 @dataclass
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens to compute this step: a prefill chunk, or 1 for a decode, plus any drafts
-    draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens to verify, after the rest
+    draft: DraftTree = field(default_factory=DraftTree)  # speculative tokens to verify, after the rest
 
 
 @dataclass
@@ -36,6 +39,8 @@ class ModelRunnerOutput:
 
     sampled: dict[str, list[int]]
     logprobs: dict[str, list[tuple[float, dict[int, Logprob]]]] = field(default_factory=dict)
+    # Final hidden state at each request's last emitted token, when a draft proposer reads them.
+    hidden_states: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,5 +49,6 @@ class RequestUpdate:
 
     request: Request
     new_token_ids: list[int]
-    num_drafted: int = 0
+    num_drafted: int = 0  # draft tokens verified (tree nodes)
+    draft_depth: int = 0  # positions they covered (the length of a chain)
     num_accepted: int = 0

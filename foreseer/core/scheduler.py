@@ -14,6 +14,7 @@ from foreseer.core.block_manager import BlockManager
 from foreseer.core.output import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
 from foreseer.core.policies import SchedulingPolicy
 from foreseer.engine.request import Request, RequestStatus
+from foreseer.spec.tree import DraftTree
 
 
 class Scheduler:
@@ -49,9 +50,9 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:  # preempted earlier in this step
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens + len(request.spec_token_ids), budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens + len(request.draft), budget)
             # Drafts (only ever on decoding requests) come last, so a short budget trims them first.
-            drafts = request.spec_token_ids[:max(num_new - 1, 0)]
+            draft = request.draft.prefix(max(num_new - 1, 0))
             while not self.block_manager.allocate_slots(request, num_new):
                 victim = self._pick_victim(scheduled_ids) or request
                 self._preempt(victim)
@@ -59,7 +60,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new, drafts))
+                out.scheduled.append(ScheduledRequest(request, num_new, draft))
                 scheduled_ids.add(request.request_id)
                 budget -= num_new
 
@@ -97,7 +98,7 @@ class Scheduler:
         self.block_manager.free(request)
         self.running.remove(request)
         request.num_computed_tokens = 0
-        request.spec_token_ids = []
+        request.draft = DraftTree()
         request.status = RequestStatus.PREEMPTED
         request.metrics.num_preemptions += 1
         self.waiting.append(request)
@@ -108,8 +109,9 @@ class Scheduler:
         for item in sched.scheduled:
             request = item.request
             tokens = result.sampled.get(request.request_id)
-            num_drafted = len(item.draft_token_ids)
-            # Rejected drafts' KV stays behind in the cache; it is simply not counted, so it gets overwritten.
+            num_drafted = len(item.draft)
+            # The runner moved the accepted drafts' KV right after the request's tokens; rejected drafts' KV
+            # stays behind beyond them, not counted, and gets overwritten.
             num_accepted = len(tokens) - 1 if tokens and num_drafted else 0
             request.num_computed_tokens += item.num_new_tokens - num_drafted + num_accepted
             self.block_manager.cache_computed_blocks(request)
@@ -129,7 +131,8 @@ class Scheduler:
                     break
             if num_drafted and not request.is_finished:
                 self.block_manager.free_unneeded_blocks(request)
-            updates.append(RequestUpdate(request, appended, num_drafted, num_accepted))
+            depth = max(item.draft.depths(), default=0)
+            updates.append(RequestUpdate(request, appended, num_drafted, depth, num_accepted))
         return updates
 
     def finish_request(self, request: Request, reason: str) -> None:

@@ -93,7 +93,9 @@ class LLMEngine:
             return None
         budget = self.config.scheduler.max_num_batched_tokens
         counts = sorted({min(n, budget) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)})
-        return Speculator(spec, PROPOSERS[spec.method](spec), self.runner.measure_step_costs(counts))
+        proposer = PROPOSERS[spec.method].create(spec, self.runner)
+        self.runner.return_hidden_states = proposer.needs_hidden_states
+        return Speculator(spec, proposer, self.runner.measure_step_costs(counts))
 
     @property
     def spec_stats(self) -> SpeculationFigures | None:
@@ -177,11 +179,13 @@ class LLMEngine:
                 raise RuntimeError("no request could be scheduled although some are unfinished")
             return []
         result = self.runner.execute(sched)
+        if result.hidden_states:
+            self.speculator.observe(result.hidden_states)
         touched: dict[str, _ParentRequest] = {}
         for update in self.scheduler.update_from_output(sched, result):
             request = update.request
             if update.num_drafted:
-                self.speculator.record(request, update.num_drafted, update.num_accepted)
+                self.speculator.record(request, update.num_drafted, update.draft_depth, update.num_accepted)
             parent, seq = self._sequences[request.request_id]
             self._detokenize(request, seq, update.new_token_ids)
             touched[parent.request_id] = parent

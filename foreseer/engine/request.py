@@ -9,6 +9,7 @@ import torch
 
 from foreseer.outputs import Logprob, RequestMetrics
 from foreseer.sampling_params import SamplingParams
+from foreseer.spec.tree import DraftTree
 
 
 class RequestStatus(Enum):
@@ -53,7 +54,7 @@ class Request:
         self.logprobs: list[dict[int, Logprob]] = []
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.spec_token_ids: list[int] = []  # draft tokens to verify in the next step
+        self.draft = DraftTree()  # speculative tokens to verify in the next step
 
     @property
     def num_tokens(self) -> int:

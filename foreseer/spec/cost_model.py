@@ -12,6 +12,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+from foreseer.spec.tree import DraftTree
+
 
 @dataclass
 class StepCostModel:
@@ -30,18 +32,25 @@ class StepCostModel:
         return max(ys[i - 1] + slope * (num_tokens - xs[i - 1]), 1e-9)
 
 
-def choose_draft_lengths(
-    acceptance: list[float], max_lengths: list[int], num_base_tokens: int, cost: StepCostModel
-) -> list[int]:
-    """How many draft tokens to verify per request this step (a prefix of each proposed draft).
+def choose_draft_nodes(
+    acceptance: list[float], trees: list[DraftTree], num_base_tokens: int, cost: StepCostModel
+) -> list[DraftTree]:
+    """Which proposed draft nodes to verify this step, per request (each result is a subtree of its draft).
 
-    acceptance: each request's estimated per-token acceptance; max_lengths: the tokens it has drafted;
-    num_base_tokens: the tokens the step computes anyway (one per decoding request, plus prefill).
+    acceptance: each request's estimated per-token acceptance; num_base_tokens: the tokens the step computes
+    anyway (one per decoding request, plus prefill). A node is worth the chance that it gets accepted: its
+    parent's, times acceptance, times the chance that each sibling before it was rejected.
     """
-    candidates = sorted(
-        ((acceptance[i] ** j, j, i) for i, m in enumerate(max_lengths) for j in range(1, m + 1)),
-        key=lambda c: (-c[0], c[1]),
-    )
+    candidates = []  # (expected tokens, node, request)
+    for r, (rate, tree) in enumerate(zip(acceptance, trees)):
+        worth: list[float] = []
+        rank = {}
+        for node, parent in enumerate(tree.parents):
+            rank[parent] = rank.get(parent, -1) + 1
+            worth.append((1.0 if parent < 0 else worth[parent]) * rate * (1.0 - rate) ** rank[parent])
+            candidates.append((worth[node], node, r))
+    # Best first; a child is never worth more than its parent and comes after it, so each pick is a subtree.
+    candidates.sort(key=lambda c: (-c[0], c[1]))
     expected = float(num_base_tokens)
     best_count, best_rate = 0, expected / cost.cost(num_base_tokens)
     for count, (gain, _, _) in enumerate(candidates, start=1):
@@ -49,7 +58,31 @@ def choose_draft_lengths(
         rate = expected / cost.cost(num_base_tokens + count)
         if rate > best_rate:
             best_count, best_rate = count, rate
-    lengths = [0] * len(max_lengths)
-    for _, _, i in candidates[:best_count]:
-        lengths[i] += 1
-    return lengths
+    chosen: list[list[int]] = [[] for _ in trees]
+    for _, node, r in candidates[:best_count]:
+        chosen[r].append(node)
+    return [tree.subtree(nodes) for tree, nodes in zip(trees, chosen)]
+
+
+def choose_draft_depth(
+    acceptance: list[float], max_depths: list[int], num_base_tokens: int, cost: StepCostModel,
+    draft_cost: StepCostModel | None = None,
+) -> int:
+    """How many tokens deep to draft this step (0: not at all), before any drafting is done.
+
+    Drafting k deep costs k steps of the draft model over the drafting requests (`draft_cost`; None for
+    proposers whose drafts are nearly free) besides verifying up to k tokens per request; it is worth
+    sum(a**j, j = 1..k) expected tokens per request. The depth with the most expected tokens per second wins.
+    """
+    expected, drafted = float(num_base_tokens), 0
+    best_depth, best_rate = 0, expected / cost.cost(num_base_tokens)
+    for depth in range(1, max(max_depths, default=0) + 1):
+        deep_enough = [a for a, m in zip(acceptance, max_depths) if m >= depth]
+        expected += sum(a**depth for a in deep_enough)
+        drafted += len(deep_enough)
+        seconds = cost.cost(num_base_tokens + drafted)
+        if draft_cost is not None:
+            seconds += depth * draft_cost.cost(sum(1 for m in max_depths if m > 0))
+        if expected / seconds > best_rate:
+            best_depth, best_rate = depth, expected / seconds
+    return best_depth

@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
-from foreseer.engine.request import Request
+import torch
+
+from foreseer.config import SpeculativeConfig
+from foreseer.spec.cost_model import StepCostModel
+from foreseer.spec.tree import DraftTree
+
+if TYPE_CHECKING:  # the request module imports the draft tree from this package
+    from foreseer.engine.request import Request
+    from foreseer.worker.model_runner import ModelRunner
 
 
 class DraftProposer(ABC):
-    """Drafts up to `max_lengths[i]` tokens to follow each request's tokens so far (fewer, or none, is fine)."""
+    """Drafts tokens to follow each request's tokens so far, at most `max_lengths[i]` deep (fewer, or none,
+    is fine): a chain, or a tree of alternatives."""
 
     name: str
+    # Proposers that draft from the target model's final hidden state of each request's last token get it.
+    needs_hidden_states = False
+    # Proposers that run a model of their own time its steps: the engine weighs them against what drafts save.
+    draft_step_cost: StepCostModel | None = None
+    prior_acceptance = 0.5  # per-token acceptance expected before any verification
+
+    @classmethod
+    def create(cls, config: SpeculativeConfig, runner: ModelRunner) -> DraftProposer:
+        """The proposer for this engine; those that need the target model take it from the runner."""
+        return cls(config)
 
     @abstractmethod
-    def propose(self, requests: list[Request], max_lengths: list[int]) -> list[list[int]]:
-        """One draft (a chain of token ids) per request."""
+    def propose(
+        self, requests: list[Request], max_lengths: list[int], hidden_states: list[torch.Tensor | None] | None
+    ) -> list[DraftTree]:
+        """One draft per request. hidden_states: [H] per request (None where unknown), when asked for."""
+
+    def record(self, num_drafted: int, num_accepted: int) -> None:  # noqa: B027 (a hook most proposers skip)
+        """What verification made of a draft, for proposers that adapt to it."""

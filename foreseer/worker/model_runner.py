@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from foreseer.attention import AttentionMetadata, PrefillSegment, forward_context, get_backend
+from foreseer.attention import AttentionBackend, AttentionMetadata, PrefillSegment, forward_context, get_backend
 from foreseer.config import EngineConfig
 from foreseer.core.output import ModelRunnerOutput, SchedulerOutput
 from foreseer.models.config import ModelConfig
 from foreseer.models.loader import ModelSource, iter_weights
 from foreseer.models.registry import build_model
 from foreseer.spec.cost_model import StepCostModel
+from foreseer.spec.tree import DraftTree
 from foreseer.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -51,15 +54,7 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.cache.block_size
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with torch.device(self.device):
-                self.model = build_model(model_config)
-        finally:
-            torch.set_default_dtype(previous)
-        self.model.load_weights(iter_weights(source, model_config))
-        self.model.eval()
+        self.model = load_model(model_config, source, self.device, self.dtype)
         self.backend = get_backend(config.attention_backend, self.device, self.dtype)
         self.num_blocks = self._num_kv_blocks()
         caches = self.backend.allocate_kv_cache(
@@ -70,6 +65,7 @@ class ModelRunner:
             layer.kv_cache = cache
         self.sampler = Sampler(config.seed)
         self.num_computed_tokens_total = 0  # tokens run through the model so far (prefill and decode)
+        self.return_hidden_states = False  # set when a draft proposer reads the target's hidden states
 
     def kv_bytes_per_block(self) -> int:
         cfg = self.model_config
@@ -96,77 +92,168 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         # Decodes first: the backend attends over them as one batch.
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens > 1)
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillSegment] = []
-        sample_index: list[int] = []
+        segments = []
         sample_requests = []
         sample_drafts = []
         for item in items:
-            request, start, n = item.request, item.request.num_computed_tokens, item.num_new_tokens
-            drafts = item.draft_token_ids
-            table = request.block_table
-            query_start = len(input_ids)
-            input_ids.extend(request.token_ids[start:start + n - len(drafts)] + drafts)
-            positions.extend(range(start, start + n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if n == 1:
-                decode_tables.append(table)
-                decode_lens.append(start + 1)
-            else:  # a prefill chunk, or a token and its drafts to verify: causal over the cached context
-                prefills.append(PrefillSegment(query_start, n, start, torch.tensor(table, device=self.device)))
-            if start + n - len(drafts) == request.num_tokens:
-                # Logits at the last real token and at each draft: the distributions that verify the drafts.
-                sample_index.extend(range(len(input_ids) - len(drafts) - 1, len(input_ids)))
+            request, start, draft = item.request, item.request.num_computed_tokens, item.draft
+            num_real = item.num_new_tokens - len(draft)
+            samples = start + num_real == request.num_tokens
+            segments.append(Segment(request.token_ids[start:start + num_real], start, request.block_table, draft,
+                                    samples))
+            if samples:
                 sample_requests.append(request)
-                sample_drafts.append(drafts)
-
-        max_blocks = max((len(t) for t in decode_tables), default=0)
-        metadata = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            num_decode_tokens=len(decode_tables),
-            decode_block_tables=self._tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables]),
-            decode_seq_lens=self._tensor(decode_lens),
-            max_decode_seq_len=max(decode_lens, default=0),
-            prefills=prefills,
-            block_size=bs,
-        )
-        self.num_computed_tokens_total += len(input_ids)
-        with forward_context(self.backend, metadata):
-            hidden = self.model(self._tensor(input_ids), self._tensor(positions))
+                sample_drafts.append(draft)
+        batch = prepare_batch(segments, self.block_size, self.device)
+        self.num_computed_tokens_total += len(batch.input_ids)
+        with forward_context(self.backend, batch.metadata):
+            hidden = self.model(batch.input_ids, batch.positions)
         if not sample_requests:
             return ModelRunnerOutput(sampled={})
+        sample_index = batch.sample_index
         logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
-        tokens, logprobs = self.sampler(logits, sample_requests, sample_drafts)
+        tokens, paths, logprobs = self.sampler(logits, sample_requests, sample_drafts)
+        self._pack_accepted_kv(batch.sample_slots, paths)
+        hidden_states = {}
+        if self.return_hidden_states:
+            first_row = 0
+            for request, draft, path in zip(sample_requests, sample_drafts, paths):
+                last_row = first_row + (path[-1] + 1 if path else 0)  # the row that gave the last emitted token
+                hidden_states[request.request_id] = hidden[sample_index[last_row]].clone()
+                first_row += len(draft) + 1
         return ModelRunnerOutput(
-            sampled={r.request_id: t for r, t in zip(sample_requests, tokens)}, logprobs=logprobs
+            sampled={r.request_id: t for r, t in zip(sample_requests, tokens)}, logprobs=logprobs,
+            hidden_states=hidden_states,
         )
 
-    @torch.inference_mode()
-    def measure_step_costs(self, token_counts: Sequence[int], repeats: int = 3) -> StepCostModel:
-        """Time a step of n one-token decodes (forward and logits) for each n, on a cache nobody uses yet."""
-        bs = self.block_size
-        counts = [n for n in token_counts if -(-n // bs) <= self.num_blocks]
-        seconds = []
-        for n in [counts[0], *counts]:  # the first run warms up (kernel loading, allocations) and is dropped
-            slots = torch.arange(n, device=self.device)
+    def _pack_accepted_kv(self, slots: list[list[int]], paths: list[list[int]]) -> None:
+        """Move the KV of accepted tree nodes to the slots right after their root (a chain is in place)."""
+        src, dst = [], []
+        for request_slots, path in zip(slots, paths):
+            for depth, node in enumerate(path):
+                if node != depth:
+                    src.append(request_slots[node + 1])
+                    dst.append(request_slots[depth + 1])
+        if src:
+            for layer in self.model.attention_layers():
+                self.backend.move_kv(layer.kv_cache, self._tensor(src), self._tensor(dst))
+
+    def measure_step_costs(self, token_counts: Sequence[int]) -> StepCostModel:
+        return measure_step_costs(self.model, self.backend, self.block_size, self.num_blocks, self.device,
+                                  token_counts)
+
+
+def load_model(model_config: ModelConfig, source: ModelSource, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Build the model for `model_config` on `device` in `dtype` and load its weights from `source`."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = build_model(model_config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.load_weights(iter_weights(source, model_config))
+    return model.eval()
+
+
+@dataclass
+class Segment:
+    """Tokens of one request to compute in a step: real tokens, then the nodes of a draft tree to verify."""
+
+    token_ids: list[int]  # the real tokens, starting at position `start`
+    start: int  # tokens already in the KV cache
+    block_table: list[int]
+    draft: DraftTree = field(default_factory=DraftTree)
+    samples: bool = True  # whether logits are wanted (at the last real token and at each draft node)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    sample_index: list[int]  # rows to take logits from, segment by segment
+    sample_slots: list[list[int]]  # per sampling segment: cache slots of its last real token and its draft nodes
+
+
+def prepare_batch(segments: Sequence[Segment], block_size: int, device: torch.device) -> Batch:
+    """Flatten segments (one-token decodes first, for the backend's batched decode path) into model inputs."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    decode_tables: list[list[int]] = []
+    decode_lens: list[int] = []
+    prefills: list[PrefillSegment] = []
+    sample_index: list[int] = []
+    sample_slots: list[list[int]] = []
+    for seg in segments:
+        start, draft, table = seg.start, seg.draft, seg.block_table
+        num_real = len(seg.token_ids)
+        n = num_real + len(draft)
+        query_start = len(input_ids)
+        input_ids.extend(seg.token_ids + draft.token_ids)
+        # Draft tokens sit at their depth after the last real token; their slots follow it in node order.
+        positions.extend(range(start, start + num_real))
+        positions.extend(start + num_real - 1 + depth for depth in draft.depths())
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+        if n == 1:
+            if prefills:
+                raise ValueError("one-token segments must come before longer ones")
+            decode_tables.append(table)
+            decode_lens.append(start + 1)
+        else:  # a prefill chunk, or a token and its drafts to verify, over the cached context
+            tree_mask = None if draft.is_chain else draft.attention_mask(device)
+            prefills.append(PrefillSegment(query_start, n, start, torch.tensor(table, device=device), tree_mask))
+        if seg.samples:
+            # Logits at the last real token and at each draft: the distributions that verify the drafts.
+            sample_index.extend(range(len(input_ids) - len(draft) - 1, len(input_ids)))
+            sample_slots.append(slots[-len(draft) - 1:])
+
+    def tensor(data: list) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.int64, device=device)
+
+    max_blocks = max((len(t) for t in decode_tables), default=0)
+    metadata = AttentionMetadata(
+        slot_mapping=tensor(slots),
+        num_decode_tokens=len(decode_tables),
+        decode_block_tables=tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables]),
+        decode_seq_lens=tensor(decode_lens),
+        max_decode_seq_len=max(decode_lens, default=0),
+        prefills=prefills,
+        block_size=block_size,
+    )
+    return Batch(tensor(input_ids), tensor(positions), metadata, sample_index, sample_slots)
+
+
+@torch.inference_mode()
+def measure_step_costs(
+    model: nn.Module, backend: AttentionBackend, block_size: int, num_blocks: int, device: torch.device,
+    token_counts: Sequence[int], repeats: int = 5, compute_logits: Callable | None = None,
+) -> StepCostModel:
+    """Time a step of n one-token decodes (forward and logits) for each n, on a cache nobody uses yet.
+
+    The counts are timed in turns, `repeats` rounds after a warm-up round (kernel loading, allocations), and
+    each keeps its fastest time: on a shared machine a burst of load then slows one round, not one count.
+    """
+    compute_logits = compute_logits or model.compute_logits
+    counts = [n for n in token_counts if -(-n // block_size) <= num_blocks]
+    best = dict.fromkeys(counts, float("inf"))
+    for round_index in range(repeats + 1):
+        for n in counts:
+            slots = torch.arange(n, device=device)
             metadata = AttentionMetadata(
-                slot_mapping=slots, num_decode_tokens=n, decode_block_tables=(slots // bs)[:, None],
-                decode_seq_lens=slots % bs + 1, max_decode_seq_len=min(n, bs), prefills=[], block_size=bs,
+                slot_mapping=slots, num_decode_tokens=n, decode_block_tables=(slots // block_size)[:, None],
+                decode_seq_lens=slots % block_size + 1, max_decode_seq_len=min(n, block_size), prefills=[],
+                block_size=block_size,
             )
-            best = float("inf")
-            for _ in range(repeats):
-                begin = time.perf_counter()
-                with forward_context(self.backend, metadata):
-                    hidden = self.model(torch.zeros_like(slots), slots % bs)
-                self.model.compute_logits(hidden)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                best = min(best, time.perf_counter() - begin)
-            seconds.append(best)
-        logger.info("step cost: %s", ", ".join(f"{n} tok {t * 1e3:.1f} ms" for n, t in zip(counts, seconds[1:])))
-        return StepCostModel(counts, seconds[1:])
+            begin = time.perf_counter()
+            with forward_context(backend, metadata):
+                hidden = model(torch.zeros_like(slots), slots % block_size)
+            compute_logits(hidden)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_index:
+                best[n] = min(best[n], time.perf_counter() - begin)
+    seconds = [best[n] for n in counts]
+    logger.info("step cost: %s", ", ".join(f"{n} tok {t * 1e3:.1f} ms" for n, t in zip(counts, seconds)))
+    return StepCostModel(counts, seconds)

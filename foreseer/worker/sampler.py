@@ -6,7 +6,8 @@ import torch
 
 from foreseer.engine.request import Request
 from foreseer.outputs import Logprob
-from foreseer.spec.rejection import accept_greedy, rejection_sample
+from foreseer.spec.rejection import verify_greedy, verify_sampling
+from foreseer.spec.tree import DraftTree
 
 
 class Sampler:
@@ -15,10 +16,11 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(
-        self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]]
-    ) -> tuple[list[list[int]], dict[str, list[tuple[float, dict[int, Logprob]]]]]:
-        """logits: [S, V] float32, 1 + len(drafts[i]) consecutive rows for request i (the draft positions,
-        then the one after them). Returns each request's emitted tokens and, where asked, their logprobs."""
+        self, logits: torch.Tensor, requests: list[Request], drafts: list[DraftTree]
+    ) -> tuple[list[list[int]], list[list[int]], dict[str, list[tuple[float, dict[int, Logprob]]]]]:
+        """logits: [S, V] float32, 1 + len(drafts[i]) consecutive rows for request i: at its last token, then
+        at each draft node. Returns each request's emitted tokens, its accepted draft nodes and, where asked,
+        the emitted tokens' logprobs."""
         row_requests = [r for r, d in zip(requests, drafts) for _ in range(len(d) + 1)]
         argmax = logits.argmax(dim=-1).tolist()
         random_rows = [i for i, r in enumerate(row_requests) if not r.params.greedy]
@@ -26,22 +28,24 @@ class Sampler:
         if random_rows:
             probs = self._processed_probs(logits[random_rows], [row_requests[i] for i in random_rows])
             row_of = {row: i for i, row in enumerate(random_rows)}
-        tokens, logprobs = [], {}
+        tokens, paths, logprobs = [], [], {}
         start = 0
         for request, draft in zip(requests, drafts):
             end = start + len(draft) + 1
             if request.params.greedy:
-                emitted = accept_greedy(draft, argmax[start:end])
+                emitted, path = verify_greedy(draft, argmax[start:end])
             else:
                 target = probs[row_of[start]:row_of[start] + len(draft) + 1]
-                emitted = rejection_sample(target, draft, None, request.generator or self.generator)
+                emitted, path = verify_sampling(draft, target, None, request.generator or self.generator)
             tokens.append(emitted)
+            paths.append(path)
             if request.params.logprobs is not None:
+                rows = [start] + [start + 1 + node for node in path]  # the row each emitted token came from
                 logprobs[request.request_id] = [
-                    _logprobs(logits[start + i], token, request.params.logprobs) for i, token in enumerate(emitted)
+                    _logprobs(logits[row], token, request.params.logprobs) for row, token in zip(rows, emitted)
                 ]
             start = end
-        return tokens, logprobs
+        return tokens, paths, logprobs
 
     @staticmethod
     def _processed_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -1,0 +1,236 @@
+"""Drafting with a model of its own: a smaller model with the target's tokenizer (`draft`), the target itself
+with int8 weights (`draft`, the default), or the target with some layers skipped (`layer_skip`, self-speculative
+decoding, Zhang et al. 2023).
+
+The draft model keeps its own paged KV cache. Each request's draft state is the list of tokens whose KV that
+cache holds; before drafting, it is cut back to its common prefix with the request's tokens, so accepted drafts
+are kept, rejected ones are recomputed, and a preempted or rewritten request simply catches up. A request
+drafts greedily until the draft's confidence in its next token falls under a threshold that adapts to keep
+acceptance near a target (Draft & Verify). Drafts are the draft model's argmax, verified as deterministic
+proposals, which keeps sampled requests exact too.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from foreseer.attention import AttentionBackend, forward_context
+from foreseer.config import SpeculativeConfig
+from foreseer.core.block_manager import BlockManager
+from foreseer.layers.quantization import quantize_linears_int8
+from foreseer.spec.cost_model import StepCostModel
+from foreseer.spec.proposer import DraftProposer
+from foreseer.spec.tree import DraftTree
+
+if TYPE_CHECKING:
+    from foreseer.engine.request import Request
+    from foreseer.worker.model_runner import ModelRunner
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+LAYER_SKIP_FILE = "{model}-layer-skip.json"  # under WEIGHTS_DIR: the layers `foreseer spec search-layers` chose
+THRESHOLD_STEP = 0.02  # how far the confidence threshold moves after each verification
+MAX_THRESHOLD = 0.95
+
+
+@dataclass
+class _DraftSequence:
+    """A request in the draft model's cache; has what the block manager reads of a request."""
+
+    token_ids: list[int] = field(default_factory=list)  # tokens whose KV the draft cache holds
+    block_table: list[int] = field(default_factory=list)
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return len(self.token_ids)
+
+    num_tokens = num_computed_tokens
+
+
+def shared_copy(model: nn.Module, keep_layers: list[int] | None = None) -> nn.Module:
+    """A new module tree over the same weight tensors (no extra weight memory) and without KV caches,
+    keeping only `keep_layers` of the decoder (all when None)."""
+    memo: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    for attention in model.attention_layers():
+        memo[id(attention.kv_cache)] = None
+    clone = copy.deepcopy(model, memo)
+    if keep_layers is not None:
+        clone.model.layers = nn.ModuleList(clone.model.layers[i] for i in keep_layers)
+    return clone
+
+
+class DraftModelProposer(DraftProposer):
+    name = "draft"
+    prior_acceptance = 0.8  # a model that imitates the target (its int8 self, a smaller sibling) mostly agrees
+
+    def __init__(self, config: SpeculativeConfig, model: nn.Module, backend: AttentionBackend, num_blocks: int,
+                 block_size: int, device: torch.device, dtype: torch.dtype, quantized: bool = False) -> None:
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.block_size = block_size
+        self.quantized = quantized  # a quantized lm_head is a module to call, not a weight to multiply by
+        cfg = model.config
+        caches = backend.allocate_kv_cache(len(model.attention_layers()), num_blocks, block_size,
+                                           cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+        for attention, cache in zip(model.attention_layers(), caches):
+            attention.kv_cache = cache
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.sequences: dict[str, tuple[Request, _DraftSequence]] = {}
+        self.threshold = config.draft_confidence
+        self.target_acceptance = config.target_acceptance
+        self.draft_step_cost: StepCostModel | None = None
+
+    @classmethod
+    def create(cls, config: SpeculativeConfig, runner: ModelRunner) -> DraftModelProposer:
+        from foreseer.models.loader import load_model_config, resolve_model
+        from foreseer.worker.model_runner import load_model
+
+        if config.draft_model is None:
+            model = shared_copy(runner.model)
+        else:
+            source = resolve_model(config.draft_model)
+            draft_config = load_model_config(source)
+            if draft_config.vocab_size != runner.model_config.vocab_size:
+                raise ValueError(f"draft model {config.draft_model!r} has a vocabulary of {draft_config.vocab_size} "
+                                 f"tokens, the target {runner.model_config.vocab_size}: they must share a tokenizer")
+            model = load_model(draft_config, source, runner.device, runner.dtype)
+        quantized = config.draft_quantization == "int8"
+        if quantized:
+            model = quantize_linears_int8(model)
+        return cls._finish(cls(config, model, runner.backend, runner.num_blocks, runner.block_size, runner.device,
+                               runner.dtype, quantized), runner)
+
+    @classmethod
+    def _finish(cls, proposer: DraftModelProposer, runner: ModelRunner) -> DraftModelProposer:
+        """Time the draft model's steps, which the engine weighs against what its drafts save."""
+        from foreseer.worker.model_runner import measure_step_costs
+
+        proposer.draft_step_cost = measure_step_costs(
+            proposer.model, runner.backend, runner.block_size, runner.num_blocks, runner.device,
+            [1, 2, 4, 8, 16, 32], compute_logits=proposer.logits)
+        return proposer
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float() if self.quantized else self.model.compute_logits(hidden)
+
+    # -- drafting -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], max_lengths: list[int], hidden_states=None) -> list[DraftTree]:
+        from foreseer.worker.model_runner import Segment
+
+        for request_id in [k for k, (r, _) in self.sequences.items() if r.is_finished]:
+            self._forget(request_id)
+        trees = [DraftTree() for _ in requests]
+        going: list[int] = []  # requests still drafting, in the order of `segments`
+        segments: list[Segment] = []
+        for i, (request, length) in enumerate(zip(requests, max_lengths)):
+            if length <= 0:
+                continue
+            segment = self._catch_up(request, length, requests)
+            if segment is not None:
+                going.append(i)
+                segments.append(segment)
+        while going:
+            order = sorted(range(len(going)), key=lambda j: len(segments[j].token_ids) > 1)  # decodes first
+            going, segments = [going[j] for j in order], [segments[j] for j in order]
+            probs = self._run(segments).softmax(dim=-1)
+            confidence, tokens = probs.max(dim=-1)
+            next_going, next_segments = [], []
+            for i, token, sure in zip(going, tokens.tolist(), confidence.tolist()):
+                tree = trees[i]
+                tree.token_ids.append(token)
+                tree.parents.append(len(tree) - 2)
+                if len(tree) < max_lengths[i] and sure >= self.threshold:
+                    _, seq = self.sequences[requests[i].request_id]
+                    next_segments.append(Segment([token], len(seq.token_ids), seq.block_table))
+                    seq.token_ids.append(token)
+                    next_going.append(i)
+            going, segments = next_going, next_segments
+        return trees
+
+    def _catch_up(self, request: Request, length: int, requests: list[Request]):
+        """The segment that brings the draft cache up to the request's last token, with room for `length`
+        drafts; None (no draft this time) when the draft cache is full."""
+        from foreseer.worker.model_runner import Segment
+
+        # A request id can come back for a new request: the token check below keeps what still matches.
+        _, seq = self.sequences.get(request.request_id, (request, _DraftSequence()))
+        self.sequences[request.request_id] = (request, seq)
+        tokens = request.token_ids
+        valid = 0
+        limit = min(len(seq.token_ids), len(tokens) - 1)  # the last token is computed again for its logits
+        while valid < limit and seq.token_ids[valid] == tokens[valid]:
+            valid += 1
+        del seq.token_ids[valid:]
+        self.block_manager.free_unneeded_blocks(seq)
+        new = tokens[valid:]
+        if not self.block_manager.allocate_slots(seq, len(new) + length - 1):
+            # Make room by dropping the cache of requests that are not drafting now, then try once more.
+            drafting = {r.request_id for r in requests}
+            for request_id in [k for k in self.sequences if k not in drafting]:
+                self._forget(request_id)
+            if not self.block_manager.allocate_slots(seq, len(new) + length - 1):
+                self._forget(request.request_id)
+                return None
+        seq.token_ids.extend(new)
+        return Segment(new, valid, seq.block_table)
+
+    def _run(self, segments) -> torch.Tensor:
+        """Logits [len(segments), V] at each segment's last token."""
+        from foreseer.worker.model_runner import prepare_batch
+
+        batch = prepare_batch(segments, self.block_size, self.device)
+        with forward_context(self.backend, batch.metadata):
+            hidden = self.model(batch.input_ids, batch.positions)
+        return self.logits(hidden[torch.tensor(batch.sample_index, device=self.device)])
+
+    def _forget(self, request_id: str) -> None:
+        _, seq = self.sequences.pop(request_id)
+        self.block_manager.free(seq)
+
+    def record(self, num_drafted: int, num_accepted: int) -> None:
+        """Raise the confidence needed to go on drafting while acceptance is under target, else lower it."""
+        if num_drafted:
+            step = THRESHOLD_STEP if num_accepted / num_drafted < self.target_acceptance else -THRESHOLD_STEP
+            self.threshold = min(max(self.threshold + step, 0.0), MAX_THRESHOLD)
+
+
+class LayerSkipProposer(DraftModelProposer):
+    """Self-speculative decoding: the target model itself, with the layers in `skip_layers` skipped."""
+
+    name = "layer_skip"
+
+    @classmethod
+    def create(cls, config: SpeculativeConfig, runner: ModelRunner) -> LayerSkipProposer:
+        num_layers = runner.model_config.num_hidden_layers
+        skip = config.skip_layers if config.skip_layers is not None else searched_skip_layers(runner.config.model)
+        if skip is None:
+            raise ValueError(f"no layer-skip set is saved for {runner.config.model!r}; give "
+                             "speculative_config.skip_layers or run `foreseer spec search-layers`")
+        if any(i >= num_layers for i in skip) or len(set(skip)) >= num_layers:
+            raise ValueError(f"skip_layers {skip} must name some, not all, of the model's {num_layers} layers")
+        keep = [i for i in range(num_layers) if i not in set(skip)]
+        model = shared_copy(runner.model, keep)
+        return cls._finish(cls(config, model, runner.backend, runner.num_blocks, runner.block_size, runner.device,
+                               runner.dtype), runner)
+
+
+def layer_skip_path(model_name: str) -> str:
+    return os.path.join(WEIGHTS_DIR, LAYER_SKIP_FILE.format(model=os.path.basename(model_name).lower()))
+
+
+def searched_skip_layers(model_name: str) -> list[int] | None:
+    """The layers that `foreseer spec search-layers` saved for this model, or None."""
+    path = layer_skip_path(model_name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return list(json.load(f)["skip_layers"])
