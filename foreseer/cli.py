@@ -1,4 +1,4 @@
-"""Command line: foreseer generate | chat | serve | bench throughput | bench serve | bench spec."""
+"""Command line: foreseer generate | chat | serve | bench throughput|serve|spec | spec train-medusa|search-layers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import json
 import sys
 
 from foreseer.bench.data import DEFAULT_DATASET
+from foreseer.spec.search_layers import add_arguments as add_search_layers_arguments
+from foreseer.spec.search_layers import main as search_layers_main
+from foreseer.spec.train_medusa import add_arguments as add_train_medusa_arguments
+from foreseer.spec.train_medusa import main as train_medusa_main
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--api-key", default=None)
     bench_serve.add_argument("--output-json", default=None)
     bench_serve.set_defaults(func=cmd_bench_serve)
+
+    spec_tools = commands.add_parser("spec", help="speculative decoding tools").add_subparsers(dest="spec",
+                                                                                              required=True)
+    train_medusa = spec_tools.add_parser("train-medusa", help="train Medusa heads on the model's own answers")
+    add_train_medusa_arguments(train_medusa)
+    train_medusa.set_defaults(func=train_medusa_main)
+    search = spec_tools.add_parser("search-layers", help="choose the layers layer_skip skips, by measured tok/s")
+    add_search_layers_arguments(search)
+    search.set_defaults(func=search_layers_main)
     return parser
 
 

@@ -47,6 +47,13 @@ def test_draft_tree_mask_depths_and_subtrees():
     assert DraftTree.chain([3, 4]).is_chain
     with pytest.raises(ValueError):
         DraftTree([1, 2], [-1, 1])
+    # Sampled drafts carry their distributions through every cut.
+    probs = torch.arange(4.0)[:, None].expand(4, 3)
+    sampled = DraftTree([4, 5, 6, 7], [-1, 0, -1, 2], probs)
+    assert sampled.subtree([2, 3]).probs[:, 0].tolist() == [2.0, 3.0]
+    assert sampled.prefix(2).probs[:, 0].tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="distribution"):
+        DraftTree([1], [-1], probs)
 
 
 def test_greedy_verification_follows_the_matching_branch():
@@ -405,3 +412,20 @@ def test_int8_linears_stay_close_to_float():
     assert (weight_only - reference).abs().max() < 0.02 * scale
     assert (quantized - reference).abs().max() < 0.03 * scale
     assert not isinstance(model[0], nn.Linear)  # replaced in place
+
+
+def test_sampled_requests_draft_from_distributions_that_reach_verification(tiny_llama):
+    """Sampled requests draw their drafts from the draft's distribution q and speculative sampling accepts a
+    token with min(1, p / q). Drafting with the target itself makes q equal p: every draft is accepted, where a
+    deterministic draft would be accepted only with probability p(token). (That speculative sampling keeps the
+    target distribution is tested statistically above.)"""
+    llm = _pin_costs(LLM(tiny_llama, kv_cache_gib=0.01, speculative_config={
+        "method": "draft", "draft_quantization": "none", "num_speculative_tokens": 3, "draft_confidence": 0.0}))
+    params = [SamplingParams(temperature=1.0, top_k=50, max_tokens=40, ignore_eos=True, seed=i) for i in range(6)]
+    outputs = llm.generate([list(range(5 + i, 30)) for i in range(6)], params, use_tqdm=False)
+    stats = llm.engine.spec_stats
+    assert stats.num_verifications > 30 and stats.num_accepted_tokens > 0.97 * stats.num_draft_tokens
+    again = LLM(tiny_llama, kv_cache_gib=0.01).generate([list(range(5, 30))], params[0], use_tqdm=False)[0]
+    # Same seed: drafting consumed the request's generator, so the sample differs, but it is a sample of
+    # the same distribution; the first token comes before any draft and is the same.
+    assert outputs[0].outputs[0].token_ids[0] == again.outputs[0].token_ids[0]

@@ -87,6 +87,7 @@ class DraftModelProposer(DraftProposer):
         self.threshold = config.draft_confidence
         self.target_acceptance = config.target_acceptance
         self.draft_step_cost: StepCostModel | None = None
+        self.generator = torch.Generator(device).manual_seed(0)  # sampled drafts of requests without a seed
 
     @classmethod
     def create(cls, config: SpeculativeConfig, runner: ModelRunner) -> DraftModelProposer:
@@ -131,6 +132,7 @@ class DraftModelProposer(DraftProposer):
         trees = [DraftTree() for _ in requests]
         going: list[int] = []  # requests still drafting, in the order of `segments`
         segments: list[Segment] = []
+        sampled_probs: dict[int, list[torch.Tensor]] = {}  # request index -> distributions of its draft tokens
         for i, (request, length) in enumerate(zip(requests, max_lengths)):
             if length <= 0:
                 continue
@@ -141,10 +143,11 @@ class DraftModelProposer(DraftProposer):
         while going:
             order = sorted(range(len(going)), key=lambda j: len(segments[j].token_ids) > 1)  # decodes first
             going, segments = [going[j] for j in order], [segments[j] for j in order]
-            probs = self._run(segments).softmax(dim=-1)
-            confidence, tokens = probs.max(dim=-1)
+            choices = self._choose(self._run(segments), [requests[i] for i in going])
             next_going, next_segments = [], []
-            for i, token, sure in zip(going, tokens.tolist(), confidence.tolist()):
+            for i, (token, sure, dist) in zip(going, choices):
+                if dist is not None:
+                    sampled_probs.setdefault(i, []).append(dist)
                 tree = trees[i]
                 tree.token_ids.append(token)
                 tree.parents.append(len(tree) - 2)
@@ -154,7 +157,27 @@ class DraftModelProposer(DraftProposer):
                     seq.token_ids.append(token)
                     next_going.append(i)
             going, segments = next_going, next_segments
+        for i, rows in sampled_probs.items():
+            trees[i].probs = torch.stack(rows)
         return trees
+
+    def _choose(self, logits: torch.Tensor, requests: list[Request]) -> list[tuple[int, float, torch.Tensor | None]]:
+        """Each request's next draft token, the draft's confidence, and the distribution it was drawn from.
+
+        Greedy requests take the argmax (no distribution). Sampled ones draw from the draft's distribution
+        under their own sampling parameters, which speculative sampling needs to accept more than a
+        deterministic draft would get."""
+        from foreseer.worker.sampler import Sampler
+
+        confidence, tokens = logits.softmax(dim=-1).max(dim=-1)
+        choices: list[tuple[int, float, torch.Tensor | None]] = list(zip(tokens.tolist(), confidence.tolist(),
+                                                                         [None] * len(requests)))
+        rows = [j for j, r in enumerate(requests) if not r.params.greedy]
+        if rows:
+            for j, dist in zip(rows, Sampler.processed_probs(logits[rows], [requests[j] for j in rows])):
+                generator = requests[j].generator or self.generator
+                choices[j] = (int(torch.multinomial(dist, 1, generator=generator)[0]), float(dist.max()), dist)
+        return choices
 
     def _catch_up(self, request: Request, length: int, requests: list[Request]):
         """The segment that brings the draft cache up to the request's last token, with room for `length`

@@ -14,10 +14,14 @@ class DraftTree:
 
     token_ids: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
+    # [n, V]: the distribution each node's token was sampled from; None for deterministic drafts
+    probs: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.parents):
             raise ValueError("a draft tree needs one parent per token")
+        if self.probs is not None and len(self.probs) != len(self.token_ids):
+            raise ValueError("a draft tree needs one distribution per token, or none")
         if any(not -1 <= p < i for i, p in enumerate(self.parents)):
             raise ValueError("draft tree nodes must come after their parents")
 
@@ -48,11 +52,13 @@ class DraftTree:
         nodes = sorted(nodes)
         index = {node: i for i, node in enumerate(nodes)}
         return DraftTree([self.token_ids[n] for n in nodes],
-                         [-1 if self.parents[n] < 0 else index[self.parents[n]] for n in nodes])
+                         [-1 if self.parents[n] < 0 else index[self.parents[n]] for n in nodes],
+                         None if self.probs is None else self.probs[nodes])
 
     def prefix(self, count: int) -> DraftTree:
         """The first `count` nodes: a tree too, since parents come first."""
-        return DraftTree(self.token_ids[:count], self.parents[:count])
+        return DraftTree(self.token_ids[:count], self.parents[:count],
+                         None if self.probs is None else self.probs[:count])
 
     def attention_mask(self, device: torch.device | None = None) -> torch.Tensor:
         """[n + 1, n + 1] bool over the root and the nodes: each sees the root, its ancestors and itself."""

@@ -26,7 +26,7 @@ class Sampler:
         random_rows = [i for i, r in enumerate(row_requests) if not r.params.greedy]
         probs = None
         if random_rows:
-            probs = self._processed_probs(logits[random_rows], [row_requests[i] for i in random_rows])
+            probs = self.processed_probs(logits[random_rows], [row_requests[i] for i in random_rows])
             row_of = {row: i for i, row in enumerate(random_rows)}
         tokens, paths, logprobs = [], [], {}
         start = 0
@@ -36,7 +36,7 @@ class Sampler:
                 emitted, path = verify_greedy(draft, argmax[start:end])
             else:
                 target = probs[row_of[start]:row_of[start] + len(draft) + 1]
-                emitted, path = verify_sampling(draft, target, None, request.generator or self.generator)
+                emitted, path = verify_sampling(draft, target, draft.probs, request.generator or self.generator)
             tokens.append(emitted)
             paths.append(path)
             if request.params.logprobs is not None:
@@ -48,7 +48,7 @@ class Sampler:
         return tokens, paths, logprobs
 
     @staticmethod
-    def _processed_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def processed_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.params for r in requests]
         device = logits.device
         x = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
