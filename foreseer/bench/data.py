@@ -8,18 +8,24 @@ import os
 DEFAULT_DATASET = os.path.join("..", "shared", "datasets", "sharegpt_first_turns.json")
 
 
-def load_sharegpt_questions(path: str, num: int, skip: int = 0) -> list[str]:
-    """The first human turn of conversations `skip` .. `skip + num` that have one."""
+def load_sharegpt_turns(path: str, role: str) -> list[str]:
+    """The first `role` turn ("human" or "gpt") of each conversation that has a non-empty one."""
     if not os.path.isfile(path):
         raise ValueError(f"dataset {path!r} not found")
     with open(path) as f:
         data = json.load(f)
-    questions = []
+    texts = []
     for conversation in data:
         turns = conversation.get("conversations") or []
-        text = next((t.get("value", "") for t in turns if t.get("from") == "human"), "").strip()
+        text = next((t.get("value", "") for t in turns if t.get("from") == role), "").strip()
         if text:
-            questions.append(text)
+            texts.append(text)
+    return texts
+
+
+def load_sharegpt_questions(path: str, num: int, skip: int = 0) -> list[str]:
+    """The first human turn of conversations `skip` .. `skip + num` that have one."""
+    questions = load_sharegpt_turns(path, "human")
     if len(questions) < skip + num:
         raise ValueError(f"dataset {path!r} has {len(questions)} usable prompts; {skip + num} asked for")
     return questions[skip:skip + num]

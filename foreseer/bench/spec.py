@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from itertools import zip_longest
 
 import torch
 
-from foreseer.bench.data import chat_prompt_ids, load_sharegpt_questions
+from foreseer.bench.data import chat_prompt_ids, load_sharegpt_questions, load_sharegpt_turns
 from foreseer.bench.report import write_json
 from foreseer.bench.throughput import RunResult
 from foreseer.llm import LLM
@@ -55,19 +54,10 @@ class SpecBenchArgs:
 
 def load_sharegpt_answers(path: str, num: int, min_chars: int = MIN_TEXT_CHARS) -> list[str]:
     """The first gpt turn of the first `num` conversations whose answer has at least `min_chars` characters."""
-    if not os.path.isfile(path):
-        raise ValueError(f"dataset {path!r} not found")
-    with open(path) as f:
-        data = json.load(f)
-    texts = []
-    for conversation in data:
-        turns = conversation.get("conversations") or []
-        text = next((t.get("value", "") for t in turns if t.get("from") == "gpt"), "").strip()
-        if len(text) >= min_chars:
-            texts.append(text)
-            if len(texts) == num:
-                return texts
-    raise ValueError(f"dataset {path!r} has {len(texts)} answers of {min_chars}+ characters; {num} asked for")
+    texts = [t for t in load_sharegpt_turns(path, "gpt") if len(t) >= min_chars]
+    if len(texts) < num:
+        raise ValueError(f"dataset {path!r} has {len(texts)} answers of {min_chars}+ characters; {num} asked for")
+    return texts[:num]
 
 
 def build_prompt_sets(tokenizer, args: SpecBenchArgs) -> dict[str, list[list[int]]]:

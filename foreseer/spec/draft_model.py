@@ -2,7 +2,8 @@
 with int8 weights (`draft`, the default), or the target with some layers skipped (`layer_skip`, self-speculative
 decoding, Zhang et al. 2023).
 
-The draft model keeps its own paged KV cache. Each request's draft state is the list of tokens whose KV that
+The draft model keeps its own paged KV cache, of as many blocks as the target's (as many tokens; for the int8
+self-draft as many bytes too). Each request's draft state is the list of tokens whose KV that
 cache holds; before drafting, it is cut back to its common prefix with the request's tokens, so accepted drafts
 are kept, rejected ones are recomputed, and a preempted or rewritten request simply catches up. A request
 drafts greedily until the draft's confidence in its next token falls under a threshold that adapts to keep
@@ -106,18 +107,16 @@ class DraftModelProposer(DraftProposer):
         quantized = config.draft_quantization == "int8"
         if quantized:
             model = quantize_linears_int8(model)
-        return cls._finish(cls(config, model, runner.backend, runner.num_blocks, runner.block_size, runner.device,
-                               runner.dtype, quantized), runner)
+        return cls(config, model, runner.backend, runner.num_blocks, runner.block_size, runner.device, runner.dtype,
+                   quantized).timed(runner)
 
-    @classmethod
-    def _finish(cls, proposer: DraftModelProposer, runner: ModelRunner) -> DraftModelProposer:
+    def timed(self, runner: ModelRunner) -> DraftModelProposer:
         """Time the draft model's steps, which the engine weighs against what its drafts save."""
         from foreseer.worker.model_runner import measure_step_costs
 
-        proposer.draft_step_cost = measure_step_costs(
-            proposer.model, runner.backend, runner.block_size, runner.num_blocks, runner.device,
-            [1, 2, 4, 8, 16, 32], compute_logits=proposer.logits)
-        return proposer
+        self.draft_step_cost = measure_step_costs(self.model, runner.backend, runner.block_size, runner.num_blocks,
+                                                  runner.device, [1, 2, 4, 8, 16, 32], compute_logits=self.logits)
+        return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float() if self.quantized else self.model.compute_logits(hidden)
@@ -242,8 +241,8 @@ class LayerSkipProposer(DraftModelProposer):
             raise ValueError(f"skip_layers {skip} must name some, not all, of the model's {num_layers} layers")
         keep = [i for i in range(num_layers) if i not in set(skip)]
         model = shared_copy(runner.model, keep)
-        return cls._finish(cls(config, model, runner.backend, runner.num_blocks, runner.block_size, runner.device,
-                               runner.dtype), runner)
+        return cls(config, model, runner.backend, runner.num_blocks, runner.block_size, runner.device,
+                   runner.dtype).timed(runner)
 
 
 def layer_skip_path(model_name: str) -> str:
