@@ -90,8 +90,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        # Decodes first: the backend attends over them as one batch.
-        items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens > 1)
+        # Decode rows first (one-token decodes and chains to verify): the backend attends over them as one batch.
+        items = sorted(sched.scheduled, key=lambda s: not _decodes(s.num_new_tokens - len(s.draft), s.draft))
         segments = []
         sample_requests = []
         sample_drafts = []
@@ -196,12 +196,13 @@ def prepare_batch(segments: Sequence[Segment], block_size: int, device: torch.de
         positions.extend(range(start, start + num_real))
         positions.extend(start + num_real - 1 + depth for depth in draft.depths())
         slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
-        if n == 1:
+        if _decodes(num_real, draft):
             if prefills:
-                raise ValueError("one-token segments must come before longer ones")
-            decode_tables.append(table)
-            decode_lens.append(start + 1)
-        else:  # a prefill chunk, or a token and its drafts to verify, over the cached context
+                raise ValueError("decode segments must come before prefill chunks and trees")
+            # A chain's token j sees the cache up to itself: a decode row of its own, all on one block table.
+            decode_tables.extend([table] * n)
+            decode_lens.extend(range(start + 1, start + n + 1))
+        else:  # a prefill chunk, or a token tree to verify, over the cached context
             tree_mask = None if draft.is_chain else draft.attention_mask(device)
             prefills.append(PrefillSegment(query_start, n, start, torch.tensor(table, device=device), tree_mask))
         if seg.samples:
@@ -223,6 +224,11 @@ def prepare_batch(segments: Sequence[Segment], block_size: int, device: torch.de
         block_size=block_size,
     )
     return Batch(tensor(input_ids), tensor(positions), metadata, sample_index, sample_slots)
+
+
+def _decodes(num_real: int, draft: DraftTree) -> bool:
+    """Whether a segment runs as decode rows: one new token, with or without a chain of drafts after it."""
+    return num_real == 1 and draft.is_chain
 
 
 @torch.inference_mode()
