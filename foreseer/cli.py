@@ -1,4 +1,5 @@
-"""Command line: foreseer generate | chat | serve | bench throughput|serve|spec | spec train-medusa|search-layers."""
+"""Command line: foreseer generate | chat | serve | bench throughput|serve|spec | spec train-medusa|search-layers |
+lengths build|train|eval."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 
 from foreseer.bench.data import DEFAULT_DATASET
+from foreseer.lengths.cli import add_lengths_parser
 from foreseer.spec.search_layers import add_arguments as add_search_layers_arguments
 from foreseer.spec.search_layers import main as search_layers_main
 from foreseer.spec.train_medusa import add_arguments as add_train_medusa_arguments
@@ -30,6 +32,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--speculative-config", type=json.loads, default=None,
                        help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 5}\'')
+    group.add_argument("--length-predictor", default=None,
+                       help="'probe' (shipped for the default model) or a probe directory: predict answer lengths")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +56,7 @@ def _make_llm(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, scheduling_policy=args.scheduling_policy,
         attention_backend=args.attention_backend, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-        speculative_config=args.speculative_config,
+        speculative_config=args.speculative_config, length_predictor=args.length_predictor,
     )
 
 
@@ -79,6 +83,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(args.prompt) > 1:
             print(f"### {prompt}")
         print(out.outputs[0].text)
+        if out.predicted_length is not None:
+            print(f"[predicted length {out.predicted_length} tokens, generated {len(out.outputs[0].token_ids)}]",
+                  file=sys.stderr)
     return status
 
 
@@ -250,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     search = spec_tools.add_parser("search-layers", help="choose the layers layer_skip skips, by measured tok/s")
     add_search_layers_arguments(search)
     search.set_defaults(func=search_layers_main)
+
+    add_lengths_parser(commands)
     return parser
 
 

@@ -92,9 +92,14 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative_config: SpeculativeConfig | None = None
+    # Predict each request's answer length from its prefill's last hidden state: "probe" (the head shipped for
+    # the model) or a directory of a trained probe head; outputs then carry `predicted_length`.
+    length_predictor: str | None = None
 
     def __post_init__(self) -> None:
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        _check(self.length_predictor is None or isinstance(self.length_predictor, str), "length_predictor",
+               "must be 'probe' or a directory of a trained probe head")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:

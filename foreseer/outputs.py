@@ -109,3 +109,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None  # set when the request was rejected (bad prompt); outputs are then empty
+    predicted_length: int | None = None  # the longest answer the length predictor expects, once prefilled

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from foreseer.config import EngineConfig
 from foreseer.core.block_manager import BlockManager
 from foreseer.core.policies import get_policy
@@ -34,6 +36,7 @@ class _ParentRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     sequences: list[_Sequence]
+    predicted_length: int | None = None
 
     def output(self) -> RequestOutput:
         requests = [s.request for s in self.sequences]
@@ -62,7 +65,8 @@ class _ParentRequest:
         )
         for request in requests:
             metrics.absorb(request.metrics)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions, finished, metrics)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions, finished, metrics,
+                             predicted_length=self.predicted_length)
 
 
 class LLMEngine:
@@ -84,6 +88,10 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager, get_policy(config.scheduler.policy))
         self.speculator = self._make_speculator()
+        self.length_probe = self._load_length_probe()
+        # Both draw on hidden states the model computes anyway: Medusa heads, and the length probe at prefill's end.
+        self.runner.return_hidden_states = self.length_probe is not None or (
+            self.speculator is not None and self.speculator.proposer.needs_hidden_states)
         self.parents: dict[str, _ParentRequest] = {}
         self._sequences: dict[str, tuple[_ParentRequest, _Sequence]] = {}  # child request id -> its place
 
@@ -94,8 +102,16 @@ class LLMEngine:
         budget = self.config.scheduler.max_num_batched_tokens
         counts = sorted({min(n, budget) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)})
         proposer = PROPOSERS[spec.method].create(spec, self.runner)
-        self.runner.return_hidden_states = proposer.needs_hidden_states
         return Speculator(spec, proposer, self.runner.measure_step_costs(counts))
+
+    def _load_length_probe(self):
+        from foreseer.lengths.probe import ProbeHead, default_probe_dir
+
+        name = self.config.length_predictor
+        if name is None:
+            return None
+        directory = default_probe_dir(self.config.model) if name == "probe" else name
+        return ProbeHead.load(directory, self.model_config.hidden_size).to(self.runner.device)
 
     @property
     def spec_stats(self) -> SpeculationFigures | None:
@@ -180,7 +196,10 @@ class LLMEngine:
             return []
         result = self.runner.execute(sched)
         if result.hidden_states:
-            self.speculator.observe(result.hidden_states)
+            if self.speculator is not None and self.speculator.proposer.needs_hidden_states:
+                self.speculator.observe(result.hidden_states)
+            if self.length_probe is not None:
+                self._predict_lengths(result.hidden_states)
         touched: dict[str, _ParentRequest] = {}
         for update in self.scheduler.update_from_output(sched, result):
             request = update.request
@@ -198,6 +217,19 @@ class LLMEngine:
                     del self._sequences[seq.request.request_id]
             outputs.append(output)
         return outputs
+
+    def _predict_lengths(self, hidden_states: dict[str, torch.Tensor]) -> None:
+        """A request's first hidden state comes from the end of its prefill: the probe reads it once."""
+        parents = {}
+        for request_id, hidden in hidden_states.items():
+            parent, _ = self._sequences[request_id]
+            if parent.predicted_length is None:
+                parents[parent.request_id] = (parent, hidden)
+        if parents:
+            states = torch.stack([hidden for _, hidden in parents.values()])
+            lengths = torch.tensor([len(p.prompt_token_ids) for p, _ in parents.values()], device=states.device)
+            for (parent, _), length in zip(parents.values(), self.length_probe.predict(states, lengths)):
+                parent.predicted_length = length
 
     def _detokenize(self, request: Request, seq: _Sequence, new_token_ids: list[int]) -> None:
         for i, token in enumerate(new_token_ids):

@@ -1,0 +1,215 @@
+"""Command line: foreseer lengths build | train | eval (also `python -m foreseer.lengths.cli ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import statistics
+import sys
+import time
+
+from foreseer.bench.data import DEFAULT_DATASET
+from foreseer.lengths.dataset import MAX_TOKENS, TEMPERATURES
+
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def add_lengths_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `lengths build|train|eval` under a `foreseer` subcommand parser; returns the `lengths` parser."""
+    from foreseer.cli import _add_engine_args
+
+    lengths = subparsers.add_parser("lengths", help="response-length prediction: dataset, training, evaluation")
+    commands = lengths.add_subparsers(dest="lengths_command", required=True)
+
+    build = commands.add_parser("build", help="generate answers to ShareGPT prompts and record their lengths")
+    build.add_argument("--output", required=True, help="JSONL file; records already in it are kept (resume)")
+    build.add_argument("--dataset", default=DEFAULT_DATASET)
+    build.add_argument("--num-prompts", type=int, default=1000, help="ShareGPT prompts to take (exact repeats dropped)")
+    build.add_argument("--skip-prompts", type=int, default=2000)
+    build.add_argument("--max-prompt-tokens", type=int, default=512)
+    build.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    build.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES))
+    build.add_argument("--max-prompts-in-flight", type=int, default=64)
+    build.add_argument("--sampling-seed", type=int, default=0)
+    build.set_defaults(func=cmd_build)
+
+    train = commands.add_parser("train", help="train a predictor on the train split")
+    train.add_argument("--predictor", choices=["probe"], default="probe")
+    train.add_argument("--data", required=True, help="JSONL file written by `lengths build`")
+    train.add_argument("--output-dir", default=None, help="default: the shipped probe directory of --model")
+    train.add_argument("--kind", choices=["regression", "buckets"], default="buckets")
+    train.add_argument("--hidden-dim", type=int, default=128, help="MLP width; 0: a linear head")
+    train.add_argument("--num-buckets", type=int, default=16)
+    train.add_argument("--epochs", type=int, default=300)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--weight-decay", type=float, default=1e-2)
+    train.add_argument("--train-seed", type=int, default=0)
+    train.add_argument("--output-json", default=None)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="score a predictor on the validation split")
+    evaluate.add_argument("--predictor", required=True, help="a registered predictor: pia, probe, constant")
+    evaluate.add_argument("--data", required=True, help="JSONL file written by `lengths build`")
+    evaluate.add_argument("--weights-dir", default=None, help="probe: default the shipped one of --model")
+    evaluate.add_argument("--default-length", type=int, default=None,
+                          help="pia's fallback and constant's value (default: the train split's median label)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate on the first N validation prompts")
+    evaluate.add_argument("--output-json", default=None)
+    evaluate.set_defaults(func=cmd_eval)
+
+    for parser in (build, train, evaluate):
+        parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                            help="share of prompts in the validation split (by a hash of the prompt id)")
+        parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+        _add_engine_args(parser)
+    return lengths
+
+
+def _setup(args: argparse.Namespace):
+    """Thread count first (it must precede any parallel work), then the engine."""
+    import torch
+
+    from foreseer.cli import _make_llm
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return _make_llm(args)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from foreseer.lengths.dataset import BuildConfig, build, load_records, sharegpt_questions, split_records
+
+    config = BuildConfig(tuple(args.temperatures), args.max_tokens, args.max_prompt_tokens,
+                         args.max_prompts_in_flight, args.sampling_seed)
+    questions = sharegpt_questions(args.dataset, args.num_prompts, args.skip_prompts)
+    llm = _setup(args)
+    summary = build(llm, questions, args.output, config)
+    train, val = split_records(load_records(args.output), args.val_fraction)
+    print(json.dumps({**dataclasses.asdict(summary), "train": len(train), "val": len(val)}, indent=2))
+    return 0 if not summary.num_failed else 1
+
+
+def _load_split(args: argparse.Namespace):
+    from foreseer.lengths.dataset import load_records, split_records
+
+    train, val = split_records(load_records(args.data), args.val_fraction)
+    if len(train) < 2 or not val:
+        raise ValueError(f"{args.data} has {len(train)} train and {len(val)} validation records; too few")
+    return train, val
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from foreseer.lengths.evaluate import evaluate, generation_ms_per_answer, write_json
+    from foreseer.lengths.features import prompt_hidden_states
+    from foreseer.lengths.predictors import ProbePredictor
+    from foreseer.lengths.probe import ProbeConfig, TrainConfig, default_probe_dir, train_probe
+
+    train, val = _load_split(args)
+    output_dir = args.output_dir or default_probe_dir(args.model)
+    llm = _setup(args)
+    start = time.perf_counter()
+    hidden = prompt_hidden_states(llm, [r.prompt_token_ids for r in train])
+    features_s = time.perf_counter() - start
+    config = ProbeConfig(hidden_size=hidden.shape[1], kind=args.kind, hidden_dim=args.hidden_dim,
+                         num_buckets=args.num_buckets, max_length=max(r.max_tokens for r in train),
+                         base_model=args.model)
+    train_config = TrainConfig(args.epochs, args.lr, args.weight_decay, args.train_seed)
+    start = time.perf_counter()
+    head = train_probe(config, hidden, torch.tensor([r.prompt_tokens for r in train]),
+                       torch.tensor([r.max_length for r in train]), train_config)
+    train_s = time.perf_counter() - start
+    report = evaluate(ProbePredictor(llm, head), val, generation_ms_per_answer(train + val))
+    head.config.training = {
+        "command": _command_line(),
+        "dataset": _dataset_summary(args, train, val),
+        "train": dataclasses.asdict(train_config),
+        "val_metrics": dataclasses.asdict(report.metrics),
+        "time_s": {"train_features": round(features_s, 1), "train": round(train_s, 1)},
+    }
+    head.save(output_dir)
+    print(json.dumps({"output_dir": output_dir, **head.config.training}, indent=2))
+    if args.output_json:
+        write_json(dataclasses.asdict(head.config), args.output_json)
+    return 0
+
+
+def _dataset_summary(args: argparse.Namespace, train: list, val: list) -> dict:
+    records = train + val
+    return {
+        "path": os.path.basename(args.data), "records": len(records), "train": len(train), "val": len(val),
+        "val_fraction": args.val_fraction, "prompt_tokens": sum(r.prompt_tokens for r in records),
+        "answer_tokens": sum(sum(r.lengths) for r in records), "temperatures": records[0].temperatures,
+        "max_tokens": records[0].max_tokens, "generation_s": round(sum(r.generation_s for r in records), 1),
+    }
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from foreseer.lengths.evaluate import evaluate, generation_ms_per_answer, write_json
+    from foreseer.lengths.predictors import PREDICTORS, create_predictor
+
+    if args.predictor not in PREDICTORS:
+        raise ValueError(f"unknown length predictor {args.predictor!r}; available: {', '.join(sorted(PREDICTORS))}")
+    train, val = _load_split(args)
+    if args.limit is not None:
+        val = val[:args.limit]
+    default = args.default_length or round(statistics.median(r.max_length for r in train))
+    options = {"pia": {"default": default}, "constant": {"value": default},
+               "probe": {"weights_dir": args.weights_dir}}.get(args.predictor, {})
+    llm = _setup(args)
+    predictor = create_predictor(args.predictor, llm, **options)
+    report = evaluate(predictor, val, generation_ms_per_answer(train + val))
+    report.extra = {"command": _command_line(), "dataset": _dataset_summary(args, train, val), **options,
+                    **_predictor_extra(predictor, val, report.generation_ms)}
+    summary = {k: v for k, v in dataclasses.asdict(report).items() if k != "items"}
+    print(json.dumps(summary, indent=2))
+    if args.output_json:
+        write_json(report, args.output_json)
+    return 0
+
+
+def _predictor_extra(predictor, val: list, generation_ms: float) -> dict:
+    """PiA: how often the model stated no usable length. Probe: the head's own cost, the only one at serving time
+    (the engine's prefill computes the hidden states anyway)."""
+    from foreseer.lengths.features import prompt_hidden_states
+    from foreseer.lengths.predictors import PiaPredictor, ProbePredictor, parse_pia_length
+
+    if isinstance(predictor, PiaPredictor):
+        failed = sum(parse_pia_length(text) is None for text in predictor.last_texts)
+        return {"fallback_share": failed / len(val), "sample_answers": predictor.last_texts[:10]}
+    if isinstance(predictor, ProbePredictor):
+        hidden = prompt_hidden_states(predictor.llm, [r.prompt_token_ids for r in val])
+        start = time.perf_counter()
+        predictor.predict_from_hidden(hidden, [r.prompt_tokens for r in val])
+        head_ms = 1e3 * (time.perf_counter() - start) / len(val)
+        return {"head_ms_per_request": head_ms, "head_share": head_ms / generation_ms}
+    return {}
+
+
+def _command_line() -> str:
+    """As `foreseer lengths ...`, whether run through foreseer's CLI or this module."""
+    argv = sys.argv[1:]
+    return "foreseer lengths " + " ".join(shlex.quote(a) for a in argv[argv[:1] == ["lengths"]:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="foreseer", description="Foreseer response-length prediction")
+    add_lengths_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["lengths", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

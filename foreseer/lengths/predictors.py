@@ -1,0 +1,191 @@
+"""Length predictors behind one interface: predict(prompts) -> the predicted longest answer, selectable by name."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from foreseer.lengths.dataset import MAX_TOKENS
+from foreseer.lengths.features import prompt_hidden_states
+from foreseer.lengths.probe import ProbeHead, default_probe_dir
+from foreseer.sampling_params import SamplingParams
+
+# The paper's PiA instruction (Zheng et al., 2023), appended to the user's message.
+PIA_INSTRUCTION = (
+    "Don't output the response for the above instruction. Instead, you need to predict the number of tokens in "
+    "your response. Output only one number."
+)
+PIA_LIMIT = 8192  # a stated length above this is not an estimate but noise
+TOKENS_PER_WORD = 1.33  # when the model states words instead of tokens
+
+
+class LengthPredictor(ABC):
+    """Predicts, before generation, the longest answer the model may give to each prompt."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def create(cls, llm, **options) -> LengthPredictor:
+        """The predictor for this engine's model, from the registry's options."""
+
+    @abstractmethod
+    def predict(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        """Chat-templated prompt token ids -> predicted maximum answer length in tokens, one per prompt."""
+
+
+PREDICTORS: dict[str, type[LengthPredictor]] = {}
+
+
+def register(cls: type[LengthPredictor]) -> type[LengthPredictor]:
+    """Make a predictor selectable by its name (class decorator)."""
+    if cls.name in PREDICTORS:
+        raise ValueError(f"a length predictor named {cls.name!r} is already registered")
+    PREDICTORS[cls.name] = cls
+    return cls
+
+
+def create_predictor(name: str, llm, **options) -> LengthPredictor:
+    if name not in PREDICTORS:
+        raise ValueError(f"unknown length predictor {name!r}; available: {', '.join(sorted(PREDICTORS))}")
+    return PREDICTORS[name].create(llm, **options)
+
+
+_NUMBER = r"(-?\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([kK](?![a-zA-Z]))?"
+_QUANTITY = re.compile(_NUMBER + r"(?:\s*(?:-|–|to)\s*" + _NUMBER + r")?")
+_LIST_MARKER = re.compile(r"^[ \t]*\d+[.)][ \t]+(?=\S)", re.MULTILINE)
+_UNIT = re.compile(r"\s*(tokens?|words?)\b", re.IGNORECASE)
+_APPROXIMATELY = re.compile(r"(about|around|approximately|roughly|~|estimate[ds]?:?|length:?)\s*$", re.IGNORECASE)
+
+
+def parse_pia_length(text: str, limit: int = PIA_LIMIT) -> int | None:
+    """The answer length a model stated, in tokens, or None if it stated none or an absurd one.
+
+    A number is a stated length if the reply starts with it, a unit follows it ("tokens", "words") or an
+    approximation precedes it ("about"); other numbers (dates, versions, list items, "the answer is 1") are not.
+    Robust to what small models write: thousands separators ("1,200"), "1.5k", ranges (the upper end, as the
+    label is a maximum: "100-150 tokens" -> 150), words instead of tokens (converted), list numbering
+    ("1. First, ..." is not a length). A number below 1 (negative included) or above `limit` is absurd.
+    """
+    cleaned = re.sub(r"(?<=\d),(?=\d{3}\b)", "", _LIST_MARKER.sub("", text))
+    for match in _QUANTITY.finditer(cleaned):
+        low = _value(*match.group(1, 2))
+        high = _value(*match.group(3, 4)) if match.group(3) else low
+        unit = _UNIT.match(cleaned, match.end())
+        if not (unit or not cleaned[:match.start()].strip() or _APPROXIMATELY.search(cleaned[:match.start()])):
+            continue
+        value = high if high >= low else low  # "2023-01" is no range
+        if unit and unit.group(1).lower().startswith("word"):
+            value *= TOKENS_PER_WORD
+        return round(value) if 1 <= value <= limit else None
+    return None
+
+
+def _value(number: str, thousands: str | None) -> float:
+    return float(number) * (1000 if thousands else 1)
+
+
+def instruction_prompt(tokenizer, prompt: Sequence[int], instruction: str) -> list[int]:
+    """The chat-templated prompt with `instruction` appended to its last user message (tokens spliced, so the
+    question is not re-tokenized). Raises ValueError if the prompt does not end with the generation prompt."""
+    suffix = _generation_suffix(tokenizer)
+    if len(prompt) <= len(suffix) or list(prompt[-len(suffix):]) != suffix:
+        raise ValueError("prompt does not end with the chat template's end of user turn and generation prompt")
+    added = tokenizer.encode("\n\n" + instruction, add_special_tokens=False)
+    return list(prompt[:-len(suffix)]) + added + suffix
+
+
+def _generation_suffix(tokenizer) -> list[int]:
+    """Tokens the chat template puts after a user message's content: the common tail of two renderings."""
+
+    def render(text: str) -> list[int]:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+
+    a, b = render("A"), render("B")
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    if n == 0:
+        raise ValueError("the chat template puts no fixed tokens after a user message")
+    return a[len(a) - n:]
+
+
+@register
+class PiaPredictor(LengthPredictor):
+    """Perception in Advance, prompt-only: the model is asked to state its answer's length before answering."""
+
+    name = "pia"
+
+    def __init__(self, llm, default: int = 256, max_length: int = MAX_TOKENS, instruction: str = PIA_INSTRUCTION,
+                 max_tokens: int = 16) -> None:
+        if not 1 <= default <= max_length:
+            raise ValueError(f"default must be in [1, max_length={max_length}], got {default!r}")
+        self.llm = llm
+        self.default = default
+        self.max_length = max_length
+        self.instruction = instruction
+        self.params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        self.last_texts: list[str] = []  # the model's statements of the last predict call, for inspection
+
+    @classmethod
+    def create(cls, llm, **options) -> PiaPredictor:
+        return cls(llm, **options)
+
+    def predict(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        asks = [instruction_prompt(self.llm.tokenizer, p, self.instruction) for p in prompts]
+        outputs = self.llm.generate(asks, self.params, use_tqdm=False)
+        self.last_texts = [o.outputs[0].text for o in outputs]
+        stated = [parse_pia_length(text) for text in self.last_texts]
+        return [self.default if n is None else min(n, self.max_length) for n in stated]
+
+
+@register
+class ConstantPredictor(LengthPredictor):
+    """The same length for every prompt: the baseline any predictor must beat."""
+
+    name = "constant"
+
+    def __init__(self, value: int = 256) -> None:
+        if value < 1:
+            raise ValueError(f"value must be >= 1, got {value!r}")
+        self.value = value
+
+    @classmethod
+    def create(cls, llm, **options) -> ConstantPredictor:
+        return cls(**options)
+
+    def predict(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        return [self.value] * len(prompts)
+
+
+
+@register
+class ProbePredictor(LengthPredictor):
+    """A small head on the model's hidden state at the end of prefill (foreseer/lengths/probe.py)."""
+
+    name = "probe"
+
+    def __init__(self, llm, head: ProbeHead) -> None:
+        if head.config.hidden_size != llm.engine.model_config.hidden_size:
+            raise ValueError(f"probe is for hidden size {head.config.hidden_size}, the model has "
+                             f"{llm.engine.model_config.hidden_size}")
+        self.llm = llm
+        self.head = head
+
+    @classmethod
+    def create(cls, llm, weights_dir: str | None = None) -> ProbePredictor:
+        """The probe in weights_dir, by default the one shipped for the engine's model."""
+        directory = weights_dir or default_probe_dir(llm.engine.config.model)
+        return cls(llm, ProbeHead.load(directory, llm.engine.model_config.hidden_size))
+
+    def predict(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        return self.predict_from_hidden(prompt_hidden_states(self.llm, prompts), [len(p) for p in prompts])
+
+    def predict_from_hidden(self, hidden: torch.Tensor, prompt_lengths: Sequence[int]) -> list[int]:
+        """From hidden states the engine's prefill already computed: the whole cost of the probe at serving time."""
+        return self.head.predict(hidden, torch.tensor(prompt_lengths))
