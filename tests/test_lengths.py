@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from foreseer import LLM
-from foreseer.lengths import cli
+from foreseer.cli import main
 from foreseer.lengths.dataset import (
     BuildConfig,
     LengthRecord,
@@ -358,10 +358,10 @@ def test_cli_build_train_eval(tiny_llama, tmp_path):
     dataset.write_text(json.dumps(conversations))
     data, probe_dir = str(tmp_path / "lengths.jsonl"), str(tmp_path / "probe")
     engine = ["--model", tiny_llama, "--kv-cache-gib", "0.01", "--block-size", "4", "--val-fraction", "0.3"]
-    assert cli.main(["build", "--output", data, "--dataset", str(dataset), "--num-prompts", "10", "--skip-prompts",
-                     "0", "--max-tokens", "5", "--max-prompt-tokens", "64", *engine]) == 0
+    assert main(["lengths", "build", "--output", data, "--dataset", str(dataset), "--num-prompts", "10",
+                 "--skip-prompts", "0", "--max-tokens", "5", "--max-prompt-tokens", "64", *engine]) == 0
     assert len(load_records(data)) == 10
-    assert cli.main(["train", "--data", data, "--output-dir", probe_dir, "--epochs", "5", "--hidden-dim", "8",
+    assert main(["lengths", "train", "--data", data, "--output-dir", probe_dir, "--epochs", "5", "--hidden-dim", "8",
                      *engine]) == 0
     config = json.load(open(os.path.join(probe_dir, "probe_config.json")))
     assert config["training"]["command"].startswith("foreseer lengths ")
@@ -369,11 +369,12 @@ def test_cli_build_train_eval(tiny_llama, tmp_path):
     for name in ("probe", "pia", "constant"):
         out = str(tmp_path / f"{name}.json")
         extra = ["--weights-dir", probe_dir] if name == "probe" else []
-        assert cli.main(["eval", "--predictor", name, "--data", data, "--output-json", out, *extra, *engine]) == 0
+        command = ["lengths", "eval", "--predictor", name, "--data", data, "--output-json", out, *extra, *engine]
+        assert main(command) == 0
         report = json.load(open(out))
         assert report["predictor"] == name and 0 <= report["metrics"]["within_100"] <= 1
         assert report["overhead_ms"] > 0 and len(report["items"]) == report["metrics"]["num"]
-    assert cli.main(["eval", "--predictor", "oracle", "--data", data, *engine]) == 2
+    assert main(["lengths", "eval", "--predictor", "oracle", "--data", data, *engine]) == 2
 
 
 # -- the shipped probe on the real model ----------------------------------------------------------------------------

@@ -1,11 +1,10 @@
-"""Command line: foreseer lengths build | train | eval (also `python -m foreseer.lengths.cli ...`)."""
+"""Command line: foreseer lengths build | train | eval."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import shlex
 import statistics
@@ -197,19 +196,3 @@ def _command_line() -> str:
     """As `foreseer lengths ...`, whether run through foreseer's CLI or this module."""
     argv = sys.argv[1:]
     return "foreseer lengths " + " ".join(shlex.quote(a) for a in argv[argv[:1] == ["lengths"]:])
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="foreseer", description="Foreseer response-length prediction")
-    add_lengths_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["lengths", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
