@@ -396,6 +396,26 @@ def test_draft_depth_weighs_the_draft_models_own_steps():
     assert choose_draft_depth([0.9], [5], 1, flat, dear) == 0  # a draft step dearer than a target step
     assert choose_draft_depth([0.2], [5], 1, flat, cheap) <= 1  # rarely accepted: shallow or none
     assert choose_draft_depth([0.9] * 64, [5] * 64, 64, SMALL_BATCHES_CHEAP, cheap) == 0  # compute-bound batch
+    # A draft model's catch-up (a prefill) counts too, as does attention over long contexts.
+    assert choose_draft_depth([0.9], [5], 1, flat, cheap, setup_seconds=0.2) == 0
+    reads = StepCostModel([1, 1024], [0.04, 0.04], seconds_per_context_token=1e-5)
+    assert choose_draft_depth([0.6] * 8, [5] * 8, 8, reads, contexts=[100] * 8, base_context=800) >= 2
+    assert choose_draft_depth([0.6] * 8, [5] * 8, 8, reads, contexts=[4000] * 8, base_context=32000) == 0
+
+
+def test_context_reads_are_priced_per_draft_node():
+    reads = StepCostModel([1, 1024], [0.04, 0.04], seconds_per_context_token=1e-5)
+    assert reads.cost(4, 1000) == pytest.approx(0.05)
+    trees = _chains(4, 4)
+    short = choose_draft_nodes([0.7, 0.7], trees, 2, reads, contexts=[50, 50], base_context=100)
+    long = choose_draft_nodes([0.7, 0.7], trees, 2, reads, contexts=[50, 3000], base_context=3050)
+    assert [len(t) for t in short] == [4, 4]
+    assert len(long[0]) == 4 and len(long[1]) < 4  # the long request's drafts cost more to verify
+
+
+def test_measured_cost_model_prices_context(tiny_llama):
+    llm = LLM(tiny_llama, kv_cache_gib=0.01, speculative_config=NGRAM)
+    assert llm.engine.speculator.cost.seconds_per_context_token > 0
 
 
 def test_int8_linears_stay_close_to_float():

@@ -18,29 +18,35 @@ from foreseer.spec.tree import DraftTree
 @dataclass
 class StepCostModel:
     token_counts: list[int]  # increasing
-    seconds: list[float]  # measured step time at each count
+    seconds: list[float]  # measured step time at each count (decode rows over a short context)
+    # Attention's share: time per cached token that a decode row reads (a verified draft token is such a row)
+    seconds_per_context_token: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.token_counts) < 2 or self.token_counts != sorted(set(self.token_counts)):
             raise ValueError("a step cost model needs two or more increasing token counts")
 
-    def cost(self, num_tokens: int) -> float:
-        """Piecewise-linear in the measured points, extended linearly beyond the last two."""
+    def cost(self, num_tokens: int, context_tokens: int = 0) -> float:
+        """Piecewise-linear in the measured points, extended linearly beyond the last two, plus the attention
+        reads of `context_tokens` cached tokens (summed over the decode rows)."""
         xs, ys = self.token_counts, self.seconds
         i = min(max(bisect.bisect_left(xs, num_tokens), 1), len(xs) - 1)
         slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
-        return max(ys[i - 1] + slope * (num_tokens - xs[i - 1]), 1e-9)
+        return max(ys[i - 1] + slope * (num_tokens - xs[i - 1]), 1e-9) + self.seconds_per_context_token * context_tokens
 
 
 def choose_draft_nodes(
-    acceptance: list[float], trees: list[DraftTree], num_base_tokens: int, cost: StepCostModel
+    acceptance: list[float], trees: list[DraftTree], num_base_tokens: int, cost: StepCostModel,
+    contexts: list[int] | None = None, base_context: int = 0,
 ) -> list[DraftTree]:
     """Which proposed draft nodes to verify this step, per request (each result is a subtree of its draft).
 
     acceptance: each request's estimated per-token acceptance; num_base_tokens: the tokens the step computes
-    anyway (one per decoding request, plus prefill). A node is worth the chance that it gets accepted: its
-    parent's, times acceptance, times the chance that each sibling before it was rejected.
+    anyway (one per decoding request, plus prefill), whose decode rows read `base_context` cached tokens;
+    contexts: each request's length, which each of its draft nodes reads again. A node is worth the chance that
+    it gets accepted: its parent's, times acceptance, times the chance that each sibling before it was rejected.
     """
+    contexts = contexts or [0] * len(trees)
     candidates = []  # (expected tokens, node, request)
     for r, (rate, tree) in enumerate(zip(acceptance, trees)):
         worth: list[float] = []
@@ -49,13 +55,17 @@ def choose_draft_nodes(
             rank[parent] = rank.get(parent, -1) + 1
             worth.append((1.0 if parent < 0 else worth[parent]) * rate * (1.0 - rate) ** rank[parent])
             candidates.append((worth[node], node, r))
-    # Best first; a child is never worth more than its parent and comes after it, so each pick is a subtree.
-    candidates.sort(key=lambda c: (-c[0], c[1]))
-    expected = float(num_base_tokens)
-    best_count, best_rate = 0, expected / cost.cost(num_base_tokens)
-    for count, (gain, _, _) in enumerate(candidates, start=1):
+    # Most expected tokens per second of verification first: a node costs a token of the step plus a reread of
+    # its request's context. A child is never worth more than its parent, costs the same and comes after it,
+    # so each pick is a subtree.
+    per_token = cost.cost(num_base_tokens + 1) - cost.cost(num_base_tokens) + 1e-12
+    candidates.sort(key=lambda c: (-c[0] / (per_token + cost.seconds_per_context_token * contexts[c[2]]), c[1]))
+    expected, context = float(num_base_tokens), base_context
+    best_count, best_rate = 0, expected / cost.cost(num_base_tokens, context)
+    for count, (gain, _, r) in enumerate(candidates, start=1):
         expected += gain
-        rate = expected / cost.cost(num_base_tokens + count)
+        context += contexts[r]
+        rate = expected / cost.cost(num_base_tokens + count, context)
         if rate > best_rate:
             best_count, best_rate = count, rate
     chosen: list[list[int]] = [[] for _ in trees]
@@ -66,23 +76,29 @@ def choose_draft_nodes(
 
 def choose_draft_depth(
     acceptance: list[float], max_depths: list[int], num_base_tokens: int, cost: StepCostModel,
-    draft_cost: StepCostModel | None = None,
+    draft_cost: StepCostModel | None = None, contexts: list[int] | None = None, base_context: int = 0,
+    setup_seconds: float = 0.0,
 ) -> int:
     """How many tokens deep to draft this step (0: not at all), before any drafting is done.
 
     Drafting k deep costs k steps of the draft model over the drafting requests (`draft_cost`; None for
-    proposers whose drafts are nearly free) besides verifying up to k tokens per request; it is worth
-    sum(a**j, j = 1..k) expected tokens per request. The depth with the most expected tokens per second wins.
+    proposers whose drafts are nearly free) besides verifying up to k tokens per request, each reading its
+    request's context (`contexts`) again, and `setup_seconds` once (a draft model catching up with new
+    tokens, as the caller amortizes it); it is worth sum(a**j, j = 1..k) expected tokens per request. The depth
+    with the most expected tokens per second wins.
     """
-    expected, drafted = float(num_base_tokens), 0
-    best_depth, best_rate = 0, expected / cost.cost(num_base_tokens)
+    contexts = contexts or [0] * len(max_depths)
+    drafting = [i for i, m in enumerate(max_depths) if m > 0]
+    expected, drafted, context = float(num_base_tokens), 0, base_context
+    best_depth, best_rate = 0, expected / cost.cost(num_base_tokens, context)
     for depth in range(1, max(max_depths, default=0) + 1):
-        deep_enough = [a for a, m in zip(acceptance, max_depths) if m >= depth]
-        expected += sum(a**depth for a in deep_enough)
+        deep_enough = [i for i in drafting if max_depths[i] >= depth]
+        expected += sum(acceptance[i] ** depth for i in deep_enough)
         drafted += len(deep_enough)
-        seconds = cost.cost(num_base_tokens + drafted)
+        context += sum(contexts[i] for i in deep_enough)
+        seconds = cost.cost(num_base_tokens + drafted, context)
         if draft_cost is not None:
-            seconds += depth * draft_cost.cost(sum(1 for m in max_depths if m > 0))
+            seconds += depth * draft_cost.cost(len(drafting), sum(contexts[i] for i in drafting)) + setup_seconds
         if expected / seconds > best_rate:
             best_depth, best_rate = depth, expected / seconds
     return best_depth

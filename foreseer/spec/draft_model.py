@@ -214,6 +214,11 @@ class DraftModelProposer(DraftProposer):
             hidden = self.model(batch.input_ids, batch.positions)
         return self.logits(hidden[torch.tensor(batch.sample_index, device=self.device)])
 
+    def catch_up_tokens(self, request: Request) -> int:
+        # An estimate without the prefix check: drafts that get rejected are a few tokens more.
+        _, seq = self.sequences.get(request.request_id, (request, _DraftSequence()))
+        return max(request.num_tokens - len(seq.token_ids), 1)
+
     def _forget(self, request_id: str) -> None:
         _, seq = self.sequences.pop(request_id)
         self.block_manager.free(seq)

@@ -40,3 +40,7 @@ class DraftProposer(ABC):
 
     def record(self, num_drafted: int, num_accepted: int) -> None:  # noqa: B027 (a hook most proposers skip)
         """What verification made of a draft, for proposers that adapt to it."""
+
+    def catch_up_tokens(self, request: Request) -> int:
+        """Tokens of the request a draft model would have to prefill before drafting (0: none to prefill)."""
+        return 0

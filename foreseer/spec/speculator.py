@@ -16,6 +16,7 @@ from foreseer.spec.cost_model import StepCostModel, choose_draft_depth, choose_d
 from foreseer.spec.proposer import DraftProposer
 from foreseer.spec.tree import DraftTree
 
+CATCH_UP_HORIZON = 512  # tokens ahead over which a draft model's catch-up may pay for itself
 PRIOR_WEIGHT = 4.0  # how many observed tokens a request's own acceptance needs to outweigh the engine's
 
 
@@ -36,8 +37,12 @@ class Speculator:
         room = [min(self.config.num_speculative_tokens, r.max_tokens - r.num_output_tokens - 1) for r in eligible]
         acceptance = [self.acceptance(r) for r in eligible]
         num_base_tokens = len(decoding) + num_other_tokens
+        # Each verified draft token reads its request's context again, as its decode row does.
+        contexts = [r.num_tokens for r in eligible]
+        base_context = sum(r.num_tokens for r in decoding)
         # Where drafting would not pay even if fully used (a large batch), skip it altogether.
-        depth = choose_draft_depth(acceptance, room, num_base_tokens, self.cost, self.proposer.draft_step_cost)
+        depth = choose_draft_depth(acceptance, room, num_base_tokens, self.cost, self.proposer.draft_step_cost,
+                                   contexts, base_context, self._catch_up_seconds(eligible, acceptance))
         if depth == 0:
             return
         hidden = None
@@ -46,8 +51,23 @@ class Speculator:
                                   if r.request_id in self.hidden_states}
             hidden = [self.hidden_states.get(r.request_id) for r in eligible]
         drafts = self.proposer.propose(eligible, [min(n, depth) for n in room], hidden)
-        for request, draft in zip(eligible, choose_draft_nodes(acceptance, drafts, num_base_tokens, self.cost)):
+        chosen = choose_draft_nodes(acceptance, drafts, num_base_tokens, self.cost, contexts, base_context)
+        for request, draft in zip(eligible, chosen):
             request.draft = draft
+
+    def _catch_up_seconds(self, requests: list[Request], acceptance: list[float]) -> float:
+        """A draft model's prefill of the tokens its cache lacks, paid once and shared out over the steps left
+        to each request (at 1 + a tokens a step, and at most CATCH_UP_HORIZON tokens ahead): this step's share."""
+        draft_cost = self.proposer.draft_step_cost
+        if draft_cost is None:
+            return 0.0
+        seconds = 0.0
+        for request, rate in zip(requests, acceptance):
+            missing = self.proposer.catch_up_tokens(request)
+            if missing:
+                steps_left = min(request.max_tokens - request.num_output_tokens, CATCH_UP_HORIZON) / (1 + rate)
+                seconds += draft_cost.cost(missing) / max(steps_left, 1.0)
+        return seconds
 
     def observe(self, hidden_states: dict[str, torch.Tensor]) -> None:
         """The final hidden state of the token each request got last, for proposers that draft from it."""
