@@ -1,5 +1,5 @@
-"""Command line: foreseer generate | chat | serve | bench throughput|serve|spec | spec train-medusa|search-layers |
-lengths build|train|eval."""
+"""Command line: foreseer generate | chat | serve | bench throughput|serve|spec|seqsched |
+spec train-medusa|search-layers | lengths build|train|eval."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import sys
 
 from foreseer.bench.data import DEFAULT_DATASET
+from foreseer.bench.seqsched import ROWS as SEQSCHED_ROWS
 from foreseer.lengths.cli import add_lengths_parser
 from foreseer.spec.search_layers import add_arguments as add_search_layers_arguments
 from foreseer.spec.search_layers import main as search_layers_main
@@ -26,7 +27,15 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=int, default=256)
     group.add_argument("--max-num-batched-tokens", type=int, default=2048)
     group.add_argument("--max-model-len", type=int, default=None)
-    group.add_argument("--scheduling-policy", default="fcfs")
+    group.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "mlfq", "s3"],
+                       help="sjf and s3 predict answer lengths with the length probe before admission")
+    group.add_argument("--max-wait-s", type=float, default=10.0,
+                       help="sjf, mlfq: a request waiting longer than this goes first (aging)")
+    group.add_argument("--mlfq-levels", type=int, default=4)
+    group.add_argument("--mlfq-base-quantum", type=int, default=16,
+                       help="mlfq: decode iterations at the top level; each level below doubles it")
+    group.add_argument("--mlfq-prefill-tokens-per-iteration", type=int, default=64,
+                       help="mlfq skip-join: prompt tokens that cost one decode iteration")
     group.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"])
     group.add_argument("--no-prefix-caching", action="store_true")
     group.add_argument("--seed", type=int, default=0)
@@ -54,7 +63,9 @@ def _make_llm(args: argparse.Namespace):
         args.model, dtype=args.dtype, device=args.device, kv_cache_gib=args.kv_cache_gib,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, scheduling_policy=args.scheduling_policy,
+        max_model_len=args.max_model_len, scheduling_policy=args.scheduling_policy, max_wait_s=args.max_wait_s,
+        mlfq_levels=args.mlfq_levels, mlfq_base_quantum=args.mlfq_base_quantum,
+        mlfq_prefill_tokens_per_iteration=args.mlfq_prefill_tokens_per_iteration,
         attention_backend=args.attention_backend, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
         speculative_config=args.speculative_config, length_predictor=args.length_predictor,
     )
@@ -133,6 +144,21 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     run(llm, ThroughputArgs(
         dataset=args.dataset, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
         max_prompt_tokens=args.max_prompt_tokens, compare=args.compare, hf_batch_size=args.hf_batch_size,
+        batching=args.batching, output_json=args.output_json,
+    ))
+    return 0
+
+
+def cmd_bench_seqsched(args: argparse.Namespace) -> int:
+    from foreseer.bench.seqsched import SeqschedBenchArgs, run
+
+    def make_llm(policy: str):
+        return _make_llm(argparse.Namespace(**{**vars(args), "scheduling_policy": policy}))
+
+    run(make_llm, SeqschedBenchArgs(
+        dataset=args.dataset, num_prompts=args.num_prompts, skip_prompts=args.skip_prompts,
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, group_size=args.group_size,
+        bin_width=args.bin_width, predictor=args.predictor, predictor_options=args.predictor_options, rows=args.rows,
         output_json=args.output_json,
     ))
     return 0
@@ -173,11 +199,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from foreseer.bench.serve import ServeBenchArgs, run
 
-    report = run(ServeBenchArgs(
+    serve_args = ServeBenchArgs(
         base_url=args.base_url, model=args.model, dataset=args.dataset, num_prompts=args.num_prompts,
         request_rate=args.request_rate, max_concurrency=args.max_concurrency, max_tokens=args.max_tokens,
         seed=args.seed, api_key=args.api_key, output_json=args.output_json,
-    ))
+    )
+    if args.policies:
+        from foreseer.bench import serve_policies
+
+        rates = args.request_rates or [args.request_rate]
+        report = serve_policies.run(serve_policies.PolicyBenchArgs(
+            policies=args.policies, request_rates=rates, server_args=args.server_args, serve=serve_args,
+            output_json=args.output_json, plot=args.plot))
+        return 0 if all(r["completed"] for r in report["results"]) else 1
+    report = run(serve_args)
     return 0 if report["completed"] else 1
 
 
@@ -206,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--max-tokens", type=int, default=256)
     throughput.add_argument("--compare", choices=["hf"], default=None, help="also run this baseline")
     throughput.add_argument("--hf-batch-size", type=int, default=32)
+    throughput.add_argument("--batching", choices=["continuous", "static", "seqsched"], default="continuous",
+                            help="how Foreseer batches the prompts (seqsched: sequence scheduling by predicted length)")
     throughput.add_argument("--output-json", default=None)
     _add_engine_args(throughput)
     throughput.set_defaults(func=cmd_bench_throughput)
@@ -223,6 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--plot", default=None, help="PNG of the speedup against batch size")
     _add_engine_args(spec)
     spec.set_defaults(func=cmd_bench_spec)
+
+    seqsched = bench.add_parser("seqsched", help="sequence scheduling ablation: static, binned, FCR, VBS, oracle")
+    seqsched.add_argument("--dataset", default=DEFAULT_DATASET)
+    seqsched.add_argument("--num-prompts", type=int, default=512)
+    seqsched.add_argument("--skip-prompts", type=int, default=0,
+                          help="start at this prompt (the shipped probe was trained on prompts 2000-2315)")
+    seqsched.add_argument("--max-prompt-tokens", type=int, default=512)
+    seqsched.add_argument("--max-tokens", type=int, default=512)
+    seqsched.add_argument("--group-size", type=int, default=256, help="queries predicted and sorted together")
+    seqsched.add_argument("--bin-width", type=int, default=50, help="tokens of predicted length per bin")
+    seqsched.add_argument("--predictor", default="probe", help="length predictor (probe, pia, constant)")
+    seqsched.add_argument("--predictor-options", type=json.loads, default=None,
+                          help='JSON options of the predictor (default for the probe: \'{"quantile": 0.9}\')')
+    seqsched.add_argument("--rows", nargs="+", default=list(SEQSCHED_ROWS), choices=SEQSCHED_ROWS,
+                          help="schedules to run (continuous always runs first: the reference)")
+    seqsched.add_argument("--output-json", default=None)
+    _add_engine_args(seqsched)
+    seqsched.set_defaults(func=cmd_bench_seqsched)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
     serve.add_argument("--host", default="127.0.0.1")
@@ -247,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
     bench_serve.add_argument("--api-key", default=None)
     bench_serve.add_argument("--output-json", default=None)
+    policies = bench_serve.add_argument_group("scheduling policies: start one `foreseer serve` per policy")
+    policies.add_argument("--policies", nargs="+", default=None,
+                          help="bench a server started with each of these --scheduling-policy values")
+    policies.add_argument("--request-rates", type=float, nargs="+", default=None,
+                          help="request rates to bench each policy at (default: --request-rate)")
+    policies.add_argument("--server-args", default="",
+                          help="engine arguments of every server, e.g. '--max-num-seqs 8 --kv-cache-gib 1'")
+    policies.add_argument("--plot", default=None, help="PNG of latency against request rate per policy")
     bench_serve.set_defaults(func=cmd_bench_serve)
 
     spec_tools = commands.add_parser("spec", help="speculative decoding tools").add_subparsers(dest="spec",

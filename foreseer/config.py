@@ -22,11 +22,22 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step: decodes first, then prefill chunks
     max_num_seqs: int = 256
-    policy: str = "fcfs"
+    policy: str = "fcfs"  # fcfs, priority, sjf, mlfq, s3 (foreseer/core/policies.py)
+    max_wait_s: float = 10.0  # sjf, mlfq: a request waiting longer than this goes first (aging)
+    mlfq_levels: int = 4
+    mlfq_base_quantum: int = 16  # decode iterations at the top level; each level below doubles it
+    mlfq_prefill_tokens_per_iteration: int = 64  # prompt tokens that cost one decode iteration (skip-join)
 
     def __post_init__(self) -> None:
+        from foreseer.core.policies import POLICIES
+
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
         _check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        _check(self.policy in POLICIES, "scheduling_policy",
+               f"must be one of {', '.join(sorted(POLICIES))}, got {self.policy!r}")
+        _check(self.max_wait_s > 0, "max_wait_s", "must be > 0")
+        for name in ("mlfq_levels", "mlfq_base_quantum", "mlfq_prefill_tokens_per_iteration"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from foreseer.config import EngineConfig
+from foreseer.engine.batching import BatchingStrategy, Job, get_strategy
 from foreseer.engine.engine import LLMEngine
 from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from foreseer.sampling_params import SamplingParams
@@ -34,31 +35,49 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        batching: str | BatchingStrategy = "continuous",
     ) -> list[RequestOutput]:
-        """Generate for every prompt; a prompt that cannot be served gets an output with `error` set."""
+        """Generate for every prompt; a prompt that cannot be served gets an output with `error` set.
+
+        `batching` cuts the prompts into batches: "continuous" (the engine's scheduler, the default), "static"
+        (fixed batches in arrival order) or "seqsched" (sequence scheduling by predicted length), or a
+        configured strategy from foreseer.engine.batching. Outputs come back in the prompts' order.
+        """
+        strategy = get_strategy(batching)
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
         priorities = _per_prompt(priority if priority is not None else 0, len(prompts), "priority")
         results: dict[str, RequestOutput] = {}
         order = []
+        jobs = []
         for prompt, params, prio in zip(prompts, params_list, priorities):
             request_id = str(self._counter)
             self._counter += 1
             order.append(request_id)
             try:
-                self.engine.add_request(request_id, prompt, params, priority=prio)
+                token_ids = self.engine.tokenize_prompt(prompt)
+                max_tokens = self.engine.check_lengths(len(token_ids), params)
             except ValueError as error:
                 logger.warning("request %s rejected: %s", request_id, error)
                 results[request_id] = _rejected(request_id, prompt, str(error))
-        bar = tqdm(total=len(prompts) - len(results), desc="generate", disable=not use_tqdm, unit="req")
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    results[output.request_id] = output
-                    bar.update(1)
+                continue
+            jobs.append(Job(request_id, prompt, token_ids, params, max_tokens, prio))
+        bar = tqdm(total=len(jobs), desc="generate", disable=not use_tqdm, unit="req")
+
+        def finished(output: RequestOutput) -> None:
+            results[output.request_id] = output
+            bar.update(1)
+
+        strategy.run(self, jobs, finished)
         bar.close()
         return [results[request_id] for request_id in order]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block (e.g. between benchmark runs); the engine must be idle."""
+        if self.engine.has_unfinished_requests():
+            raise ValueError("reset_prefix_cache needs an idle engine")
+        self.engine.block_manager.reset_prefix_cache()
 
     def chat(
         self,

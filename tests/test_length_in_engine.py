@@ -30,7 +30,7 @@ def test_outputs_carry_the_probes_prediction_and_the_same_text(tiny_llama, rando
     assert all(o.predicted_length is None for o in expected)
     # The reference: the same head on hidden states from a separate prefill of each prompt.
     head = ProbeHead.load(random_probe, 64)
-    reference = head.predict(prompt_hidden_states(plain, prompts), torch.tensor([len(p) for p in prompts]))
+    reference = head.predict(prompt_hidden_states(plain.engine, prompts), torch.tensor([len(p) for p in prompts]))
     assert [o.predicted_length for o in outputs] == reference
     assert len(set(reference)) > 1
 

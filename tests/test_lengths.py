@@ -247,7 +247,7 @@ def test_prompt_hidden_states_match_transformers(tiny_llama, tiny_llm):
     prompts = [tiny_llm.apply_chat_template([{"role": "user", "content": q}]) for _, q in QUESTIONS]
     prompts.append(prompts[0][:5])
     free = tiny_llm.engine.block_manager.num_free_blocks
-    ours = prompt_hidden_states(tiny_llm, prompts, max_batch_tokens=40)  # several forward passes
+    ours = prompt_hidden_states(tiny_llm.engine, prompts, max_batch_tokens=40)  # several forward passes
     assert tiny_llm.engine.block_manager.num_free_blocks == free  # borrowed blocks are given back
     assert ours.shape == (len(prompts), 64) and ours.dtype == torch.float32
     with torch.no_grad():
@@ -258,9 +258,9 @@ def test_prompt_hidden_states_match_transformers(tiny_llama, tiny_llm):
     greedy = tiny_llm.generate(prompts[:2], use_tqdm=False)
     assert all(o.error is None for o in greedy)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        prompt_hidden_states(tiny_llm, [[1, 2], []])
+        prompt_hidden_states(tiny_llm.engine, [[1, 2], []])
     with pytest.raises(ValueError, match="outside"):
-        prompt_hidden_states(tiny_llm, [[10**6]])
+        prompt_hidden_states(tiny_llm.engine, [[10**6]])
 
 
 def _synthetic(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -320,7 +320,7 @@ def test_probe_predictor_on_a_model(tiny_llm, tmp_path):
     predictor = create_predictor("probe", tiny_llm, weights_dir=str(tmp_path))
     prompts = [tiny_llm.apply_chat_template([{"role": "user", "content": q}]) for _, q in QUESTIONS]
     predicted = predictor.predict(prompts)
-    assert predicted == predictor.predict_from_hidden(prompt_hidden_states(tiny_llm, prompts),
+    assert predicted == predictor.predict_from_hidden(prompt_hidden_states(tiny_llm.engine, prompts),
                                                       [len(p) for p in prompts])
     with pytest.raises(ValueError, match="hidden size 8"):
         ProbePredictor(tiny_llm, ProbeHead(ProbeConfig(hidden_size=8)))

@@ -148,9 +148,10 @@ def _report(args: ServeBenchArgs, model: str, results: list[RequestResult], dura
 def _summary(seconds: list[float | None]) -> dict[str, float | None]:
     values = np.array([s for s in seconds if s is not None]) * 1000
     if not len(values):
-        return {"mean": None, "p50": None, "p90": None, "p99": None}
+        return {"mean": None, "p50": None, "p90": None, "p99": None, "max": None}
     p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {"mean": float(values.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+    return {"mean": float(values.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99),
+            "max": float(values.max())}
 
 
 async def _first_model(client: httpx.AsyncClient, headers: dict[str, str]) -> str:

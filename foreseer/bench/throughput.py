@@ -22,6 +22,7 @@ class ThroughputArgs:
     max_tokens: int = 256
     max_prompt_tokens: int = 512
     compare: str | None = None  # "hf"
+    batching: str = "continuous"  # or "static", "seqsched" (LLM.generate's batching)
     hf_batch_size: int = 32
     output_json: str | None = None
 
@@ -46,10 +47,11 @@ class RunResult:
                 "requests_per_s": self.requests_per_s}
 
 
-def run_foreseer(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[RunResult, list[list[int]]]:
+def run_foreseer(llm: LLM, prompts: list[list[int]], max_tokens: int,
+                 batching: str = "continuous") -> tuple[RunResult, list[list[int]]]:
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(prompts, params, batching=batching)
     elapsed = time.perf_counter() - start
     tokens = [o.outputs[0].token_ids for o in outputs]
     return RunResult(elapsed, len(prompts), sum(map(len, prompts)), sum(map(len, tokens))), tokens
@@ -128,11 +130,12 @@ def compute_limit(llm: LLM, processed_tokens_per_s: float) -> dict:
 def run(llm: LLM, args: ThroughputArgs) -> dict:
     questions = load_sharegpt_questions(args.dataset, args.num_prompts)
     prompts = [chat_prompt_ids(llm.tokenizer, q, args.max_prompt_tokens) for q in questions]
-    ours, our_tokens = run_foreseer(llm, prompts, args.max_tokens)
+    ours, our_tokens = run_foreseer(llm, prompts, args.max_tokens, args.batching)
     report = {
         "model": llm.engine.config.model,
         "num_prompts": args.num_prompts, "max_tokens": args.max_tokens, "max_prompt_tokens": args.max_prompt_tokens,
-        "threads": torch.get_num_threads(), "attention_backend": llm.engine.runner.backend.name,
+        "batching": args.batching, "threads": torch.get_num_threads(),
+        "attention_backend": llm.engine.runner.backend.name,
         "foreseer": ours.as_dict(),
     }
     print(f"foreseer: {ours.output_tokens_per_s:.1f} output tok/s, {ours.requests_per_s:.3f} req/s "

@@ -86,6 +86,14 @@ class BlockManager:
                 block.hash, block.token_ids = block_hash, self._block_tokens(request, i)
                 self.cached[block_hash] = block.block_id
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block, so that nothing computed before is reused; needs no block in use."""
+        if self.num_free_blocks != self.num_blocks:
+            raise ValueError("the prefix cache can only be reset while no request holds KV blocks")
+        for block in self.blocks:
+            block.hash, block.token_ids = None, ()
+        self.cached.clear()
+
     def free(self, request: Request) -> None:
         self._release_tail(request, 0)
 

@@ -1,24 +1,64 @@
-"""Scheduling policies: the order in which requests are admitted, and which are preempted first (the last)."""
+"""Scheduling policies: the order in which requests are served, and hooks through which a policy steers admission
+and preemption. The scheduler calls the hooks and never asks which policy it runs.
+
+- fcfs: arrival order.
+- priority: lower `priority` first, then arrival.
+- sjf: shortest predicted remaining answer first, with aging: a request kept waiting longer than `max_wait_s`
+  goes before every other one, so no request starves behind a stream of shorter ones.
+- mlfq: FastServe's skip-join multi-level feedback queue (Wu et al., 2023): levels with doubling quanta, a new
+  request joins the first level whose quantum covers its prefill, is demoted when it uses up a quantum, and is
+  promoted to the top when it waits longer than `max_wait_s`. Preemptive for seats: a better-ranked waiting
+  request pauses the worst running one, whose KV stays in the cache while memory allows.
+- s3: S³ (Jin et al., 2023): FCFS, but a request is admitted only if the KV cache holds its prompt and predicted
+  answer beside what the running requests have reserved for theirs; a request that outgrows its prediction
+  has its reservation doubled.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
 
-from foreseer.engine.request import Request
+from foreseer.config import SchedulerConfig
+from foreseer.core.block_manager import BlockManager
+from foreseer.engine.request import Request, RequestStatus
 
 
 class SchedulingPolicy(ABC):
-    name: str
+    name: ClassVar[str]
+    needs_predicted_length: ClassVar[bool] = False  # the engine predicts answer lengths before admission
+    # A waiting request whose key is smaller than a running one's takes its seat when max_num_seqs are running.
+    preemptive: ClassVar[bool] = False
+
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        self.config = config or SchedulerConfig()
 
     @abstractmethod
-    def key(self, request: Request) -> tuple:
-        """Smaller keys are served first and preempted last."""
+    def key(self, request: Request, now: float) -> tuple:
+        """Smaller keys are served first; among running requests the largest is preempted first."""
+
+    def on_add(self, request: Request) -> None:  # noqa: B027 (a hook most policies skip)
+        """A new request joins the waiting queue."""
+
+    def on_schedule(self, waiting: list[Request], now: float) -> None:  # noqa: B027 (a hook most policies skip)
+        """The start of a step, before requests are ranked."""
+
+    def on_tokens(self, request: Request, num_tokens: int) -> None:  # noqa: B027 (a hook most policies skip)
+        """A running, unfinished request generated `num_tokens` tokens."""
+
+    def can_admit(self, request: Request, running: list[Request], block_manager: BlockManager) -> bool:
+        """Whether a waiting request may start (or resume) now, beside the seat and block checks."""
+        return True
+
+    def forget(self, request: Request) -> None:  # noqa: B027 (a hook most policies skip)
+        """The request finished or was aborted."""
 
 
 class FCFSPolicy(SchedulingPolicy):
     name = "fcfs"
 
-    def key(self, request: Request) -> tuple:
+    def key(self, request: Request, now: float) -> tuple:
         return (request.metrics.arrival_time,)
 
 
@@ -27,14 +67,108 @@ class PriorityPolicy(SchedulingPolicy):
 
     name = "priority"
 
-    def key(self, request: Request) -> tuple:
+    def key(self, request: Request, now: float) -> tuple:
         return (request.priority, request.metrics.arrival_time)
 
 
-POLICIES: dict[str, type[SchedulingPolicy]] = {p.name: p for p in (FCFSPolicy, PriorityPolicy)}
+def predicted_length(request: Request) -> int:
+    """The request's predicted answer length; without a prediction (not made yet), its max_tokens."""
+    return request.max_tokens if request.predicted_length is None else request.predicted_length
 
 
-def get_policy(name: str) -> SchedulingPolicy:
+def _starved(request: Request, now: float, max_wait_s: float) -> bool:
+    return request.status != RequestStatus.RUNNING and now - request.queued_time > max_wait_s
+
+
+class SJFPolicy(SchedulingPolicy):
+    """Shortest predicted remaining length first; requests waiting longer than max_wait_s first of all."""
+
+    name = "sjf"
+    needs_predicted_length = True
+
+    def key(self, request: Request, now: float) -> tuple:
+        if _starved(request, now, self.config.max_wait_s):
+            return (0, request.metrics.arrival_time)
+        remaining = max(predicted_length(request) - request.num_output_tokens, 0)
+        return (1, remaining, request.metrics.arrival_time)
+
+
+@dataclass
+class _Level:
+    level: int
+    used: int = 0  # tokens generated at this level
+
+
+class MLFQPolicy(SchedulingPolicy):
+    """Skip-join multi-level feedback queue; level i's quantum is mlfq_base_quantum * 2**i decode iterations."""
+
+    name = "mlfq"
+    preemptive = True
+
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        super().__init__(config)
+        self.levels: dict[str, _Level] = {}  # request id -> its level and what it used of the quantum there
+
+    def quantum(self, level: int) -> int:
+        return self.config.mlfq_base_quantum * 2**level
+
+    def level(self, request: Request) -> int:
+        return self.levels[request.request_id].level
+
+    def on_add(self, request: Request) -> None:
+        # Skip-join: a prefill costing more iterations than a level's quantum would use it up at once.
+        cost = -(-request.num_prompt_tokens // self.config.mlfq_prefill_tokens_per_iteration)
+        bottom = self.config.mlfq_levels - 1
+        level = next((i for i in range(bottom) if self.quantum(i) >= cost), bottom)
+        self.levels[request.request_id] = _Level(level)
+
+    def on_schedule(self, waiting: list[Request], now: float) -> None:
+        for request in waiting:
+            if _starved(request, now, self.config.max_wait_s):
+                self.levels[request.request_id] = _Level(0)
+
+    def on_tokens(self, request: Request, num_tokens: int) -> None:
+        state = self.levels[request.request_id]
+        state.used += num_tokens
+        if state.used >= self.quantum(state.level) and state.level < self.config.mlfq_levels - 1:
+            state.level, state.used = state.level + 1, 0
+
+    def key(self, request: Request, now: float) -> tuple:
+        return (self.level(request), request.metrics.arrival_time)
+
+    def forget(self, request: Request) -> None:
+        self.levels.pop(request.request_id, None)
+
+
+class S3Policy(FCFSPolicy):
+    """FCFS admission under KV reservations for each request's prompt and predicted answer."""
+
+    name = "s3"
+    needs_predicted_length = True
+
+    @staticmethod
+    def reserved_tokens(request: Request) -> int:
+        """Answer tokens reserved: the prediction, doubled each time the request reaches it unfinished (a
+        misprediction), at most max_tokens."""
+        length = max(predicted_length(request), 1)
+        while length <= request.num_output_tokens and length < request.max_tokens:
+            length *= 2
+        return min(length, request.max_tokens)
+
+    def can_admit(self, request: Request, running: list[Request], block_manager: BlockManager) -> bool:
+        def unheld(r: Request) -> int:  # reserved blocks the request does not hold yet
+            reserved = block_manager.blocks_needed(r.num_prompt_tokens + self.reserved_tokens(r))
+            return max(reserved - len(r.block_table), 0)
+
+        return block_manager.num_free_blocks - sum(unheld(r) for r in running) >= unheld(request)
+
+
+POLICIES: dict[str, type[SchedulingPolicy]] = {
+    p.name: p for p in (FCFSPolicy, PriorityPolicy, SJFPolicy, MLFQPolicy, S3Policy)
+}
+
+
+def get_policy(name: str, config: SchedulerConfig | None = None) -> SchedulingPolicy:
     if name not in POLICIES:
-        raise ValueError(f"unknown scheduling_policy {name!r}; available: {sorted(POLICIES)}")
-    return POLICIES[name]()
+        raise ValueError(f"unknown scheduling_policy {name!r}; available: {', '.join(sorted(POLICIES))}")
+    return POLICIES[name](config)

@@ -1,13 +1,17 @@
 """Iteration-level scheduler with no phases: each step gives requests "tokens to compute" under a budget.
 
-Running requests come first (decodes, then unfinished prefill chunks), then waiting ones, in the
-policy's order. When blocks run out, the policy's last running request is preempted: its blocks are
-freed and it is recomputed later (its cached prefix blocks usually survive and are reused).
+Running requests come first (decodes, then unfinished prefill chunks), then waiting ones, in the policy's order
+(foreseer/core/policies.py), which also may veto an admission. A preemptive policy's better-ranked waiting
+request takes the seat of the worst running one, which is paused: PREEMPTED but holding its KV blocks, so it
+resumes without recompute. When blocks run out, paused requests give theirs up first (the worst ranked first;
+they recompute later), then the policy's last running request is preempted: its blocks are freed and it is
+recomputed later (its cached prefix blocks usually survive and are reused).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from foreseer.config import SchedulerConfig
 from foreseer.core.block_manager import BlockManager
@@ -18,11 +22,14 @@ from foreseer.spec.tree import DraftTree
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: SchedulingPolicy) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: SchedulingPolicy,
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.block_manager = block_manager
         self.policy = policy
-        self.waiting: list[Request] = []
+        self.clock = clock  # what the policies' waits and the request metrics are measured with
+        self.now = clock()  # the time of the step being scheduled
+        self.waiting: list[Request] = []  # new, preempted and paused requests
         self.running: list[Request] = []
 
     @property
@@ -36,13 +43,21 @@ class Scheduler:
         return decoding, min(pending, max(self.config.max_num_batched_tokens - len(decoding), 0))
 
     def add_request(self, request: Request) -> None:
+        self.policy.on_add(request)
         self.waiting.append(request)
 
+    def _key(self, request: Request) -> tuple:
+        return self.policy.key(request, self.now)
+
     def schedule(self) -> SchedulerOutput:
+        self.now = self.clock()
+        self.policy.on_schedule(self.waiting, self.now)
+        self.running.sort(key=self._key)
+        if self.policy.preemptive:
+            self._pause_for_waiting()
         budget = self.config.max_num_batched_tokens
         out = SchedulerOutput(scheduled=[])
         scheduled_ids: set[str] = set()
-        self.running.sort(key=self.policy.key)
         decoding = [r for r in self.running if r.num_computed_tokens >= r.num_tokens - 1]
         prefilling = [r for r in self.running if r.num_computed_tokens < r.num_tokens - 1]
         for request in decoding + prefilling:
@@ -53,7 +68,7 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens + len(request.draft), budget)
             # Drafts (only ever on decoding requests) come last, so a short budget trims them first.
             draft = request.draft.prefix(max(num_new - 1, 0))
-            while not self.block_manager.allocate_slots(request, num_new):
+            while not self._allocate(request, num_new):
                 victim = self._pick_victim(scheduled_ids) or request
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -68,21 +83,35 @@ class Scheduler:
             self._admit_waiting(out, budget)
         return out
 
+    def _pause_for_waiting(self) -> None:
+        """Each waiting request ranked before the worst running one takes its seat, once all seats are taken."""
+        seats = self.config.max_num_seqs - len(self.running)
+        for request in sorted(self.waiting, key=self._key):
+            if seats > 0:
+                seats -= 1
+            elif self.running and self._key(request) < self._key(self.running[-1]):
+                self._preempt(self.running[-1], keep_blocks=True)
+            else:
+                break
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        self.waiting.sort(key=self.policy.key)
+        self.waiting.sort(key=self._key)
         admitted = 0
         for request in self.waiting:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            cached = self.block_manager.find_cached_prefix(request)
-            num_cached_tokens = len(cached) * self.block_manager.block_size
-            num_new = min(request.num_tokens - num_cached_tokens, budget)
-            if not self.block_manager.allocate_slots(request, num_new, cached):
+            if not self.policy.can_admit(request, self.running, self.block_manager):
                 break
-            request.num_computed_tokens = num_cached_tokens
+            # A paused request resumes where it stopped; others start after their cached prefix.
+            cached = [] if request.block_table else self.block_manager.find_cached_prefix(request)
+            start = request.num_computed_tokens + len(cached) * self.block_manager.block_size
+            num_new = min(request.num_tokens - start, budget)
+            if not self._allocate(request, num_new, cached):
+                break
+            request.num_computed_tokens = start
             if request.metrics.first_scheduled_time is None:
-                request.metrics.first_scheduled_time = time.time()
-                request.metrics.num_cached_tokens = num_cached_tokens
+                request.metrics.first_scheduled_time = self.now
+                request.metrics.num_cached_tokens = start
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
@@ -90,17 +119,32 @@ class Scheduler:
             admitted += 1
         del self.waiting[:admitted]
 
+    def _allocate(self, request: Request, num_new: int, cached: list[int] = ()) -> bool:
+        """Blocks for the request's next tokens, taken from paused requests if none are free."""
+        while not self.block_manager.allocate_slots(request, num_new, cached):
+            paused = [r for r in self.waiting if r.status == RequestStatus.PREEMPTED and r.block_table
+                      and r is not request]
+            if not paused:
+                return False
+            victim = max(paused, key=self._key)
+            self.block_manager.free(victim)
+            victim.num_computed_tokens = 0  # it now recomputes, as a preempted request does
+        return True
+
     def _pick_victim(self, scheduled_ids: set[str]) -> Request | None:
         candidates = [r for r in self.running if r.request_id not in scheduled_ids]
         return candidates[-1] if candidates else None
 
-    def _preempt(self, request: Request) -> None:
-        self.block_manager.free(request)
+    def _preempt(self, request: Request, keep_blocks: bool = False) -> None:
+        """Back to the waiting queue: paused with its KV kept, or with its blocks freed to recompute later."""
+        if not keep_blocks:
+            self.block_manager.free(request)
+            request.num_computed_tokens = 0
         self.running.remove(request)
-        request.num_computed_tokens = 0
         request.draft = DraftTree()
         request.status = RequestStatus.PREEMPTED
         request.metrics.num_preemptions += 1
+        request.queued_time = self.now
         self.waiting.append(request)
 
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestUpdate]:
@@ -129,6 +173,8 @@ class Scheduler:
                 if request.check_stop():
                     self.finish_request(request, request.finish_reason)
                     break
+            if appended and not request.is_finished:
+                self.policy.on_tokens(request, len(appended))
             if num_drafted and not request.is_finished:
                 self.block_manager.free_unneeded_blocks(request)
             depth = max(item.draft.depths(), default=0)
@@ -143,6 +189,7 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         self.block_manager.free(request)
+        self.policy.forget(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        request.metrics.finished_time = time.time()
+        request.metrics.finished_time = self.clock()

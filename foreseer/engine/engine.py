@@ -13,6 +13,8 @@ from foreseer.core.policies import get_policy
 from foreseer.core.scheduler import Scheduler
 from foreseer.engine.detokenizer import IncrementalDetokenizer
 from foreseer.engine.request import Request
+from foreseer.lengths.features import prompt_hidden_states
+from foreseer.lengths.probe import ProbeHead, default_probe_dir
 from foreseer.models.loader import load_model_config, load_tokenizer, resolve_model
 from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpeculationFigures
 from foreseer.sampling_params import SamplingParams
@@ -78,6 +80,8 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > context:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {context} tokens")
         self.max_model_len = config.max_model_len or context
+        self.policy = get_policy(config.scheduler.policy, config.scheduler)
+        probe_dir = self._length_probe_dir()  # before the model loads: a missing probe fails fast
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -86,9 +90,11 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, get_policy(config.scheduler.policy))
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.policy)
         self.speculator = self._make_speculator()
-        self.length_probe = self._load_length_probe()
+        self.length_probe = None
+        if probe_dir is not None:
+            self.length_probe = ProbeHead.load(probe_dir, self.model_config.hidden_size).to(self.runner.device)
         # Both draw on hidden states the model computes anyway: Medusa heads, and the length probe at prefill's end.
         self.runner.return_hidden_states = self.length_probe is not None or (
             self.speculator is not None and self.speculator.proposer.needs_hidden_states)
@@ -104,14 +110,18 @@ class LLMEngine:
         proposer = PROPOSERS[spec.method].create(spec, self.runner)
         return Speculator(spec, proposer, self.runner.measure_step_costs(counts))
 
-    def _load_length_probe(self):
-        from foreseer.lengths.probe import ProbeHead, default_probe_dir
-
+    def _length_probe_dir(self) -> str | None:
+        """The probe head's directory: the one asked for, else the shipped one if the policy needs predictions."""
         name = self.config.length_predictor
-        if name is None:
-            return None
-        directory = default_probe_dir(self.config.model) if name == "probe" else name
-        return ProbeHead.load(directory, self.model_config.hidden_size).to(self.runner.device)
+        if name is None and self.policy.needs_predicted_length:
+            try:
+                return default_probe_dir(self.config.model)
+            except ValueError as error:
+                raise ValueError(
+                    f"scheduling_policy {self.policy.name!r} needs length_predictor to predict answer lengths before "
+                    f"admission, and none was given: {error}; or give length_predictor=<directory of a trained "
+                    "probe head>") from error
+        return default_probe_dir(self.config.model) if name == "probe" else name
 
     @property
     def spec_stats(self) -> SpeculationFigures | None:
@@ -134,7 +144,7 @@ class LLMEngine:
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenize_prompt(prompt)
-        max_tokens = self._check_lengths(len(token_ids), params)
+        max_tokens = self.check_lengths(len(token_ids), params)
         sequences = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
@@ -149,7 +159,7 @@ class LLMEngine:
             self._sequences[seq.request.request_id] = (parent, seq)
             self.scheduler.add_request(seq.request)
 
-    def _check_lengths(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+    def check_lengths(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         if num_prompt_tokens == 0:
             raise ValueError("prompt is empty")
         if num_prompt_tokens >= self.max_model_len:
@@ -187,6 +197,8 @@ class LLMEngine:
     # -- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns the outputs of requests that advanced."""
+        if self.policy.needs_predicted_length:
+            self._predict_waiting_lengths()
         if self.speculator is not None:
             self.speculator.propose(*self.scheduler.speculation_candidates())
         sched = self.scheduler.schedule()
@@ -218,6 +230,27 @@ class LLMEngine:
             outputs.append(output)
         return outputs
 
+    def _predict_waiting_lengths(self) -> None:
+        """Predict the answer lengths of waiting requests that have none, before the policy ranks them: one
+        prefill of their prompts on borrowed KV blocks (which then stay in the prefix cache for their own
+        prefill). Prompts that do not fit in the free blocks wait for a later step; until then the policy
+        takes their max_tokens."""
+        free = self.block_manager.num_free_blocks
+        parents: dict[str, _ParentRequest] = {}
+        for request in self.scheduler.waiting:
+            parent, _ = self._sequences[request.request_id]
+            need = self.block_manager.blocks_needed(len(parent.prompt_token_ids))
+            if request.predicted_length is None and parent.request_id not in parents and need <= free:
+                parents[parent.request_id] = parent
+                free -= need
+        if not parents:
+            return
+        prompts = [p.prompt_token_ids for p in parents.values()]
+        states = prompt_hidden_states(self, prompts).to(self.runner.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=states.device)
+        for parent, length in zip(parents.values(), self.length_probe.predict(states, lengths)):
+            self._set_predicted_length(parent, length)
+
     def _predict_lengths(self, hidden_states: dict[str, torch.Tensor]) -> None:
         """A request's first hidden state comes from the end of its prefill: the probe reads it once."""
         parents = {}
@@ -229,7 +262,13 @@ class LLMEngine:
             states = torch.stack([hidden for _, hidden in parents.values()])
             lengths = torch.tensor([len(p.prompt_token_ids) for p, _ in parents.values()], device=states.device)
             for (parent, _), length in zip(parents.values(), self.length_probe.predict(states, lengths)):
-                parent.predicted_length = length
+                self._set_predicted_length(parent, length)
+
+    @staticmethod
+    def _set_predicted_length(parent: _ParentRequest, length: int) -> None:
+        parent.predicted_length = length
+        for seq in parent.sequences:
+            seq.request.predicted_length = length
 
     def _detokenize(self, request: Request, seq: _Sequence, new_token_ids: list[int]) -> None:
         for i, token in enumerate(new_token_ids):

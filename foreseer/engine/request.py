@@ -42,7 +42,11 @@ class Request:
         self.priority = priority
         self.metrics = RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time)
         self.status = RequestStatus.WAITING
+        # When it last joined the waiting queue (arrival, or its last preemption): aging policies measure from it.
+        self.queued_time = self.metrics.arrival_time
+        self.predicted_length: int | None = None  # of the answer, where the engine predicts it (length probe)
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        # Blocks held; a PREEMPTED request that still holds some is paused and resumes without recompute.
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of this request's full blocks, in order
         # Seeds the hash chain: requests whose KV must never be shared (e.g. other adapters) differ here.

@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or default_probe_dir(args.model)
     llm = _setup(args)
     start = time.perf_counter()
-    hidden = prompt_hidden_states(llm, [r.prompt_token_ids for r in train])
+    hidden = prompt_hidden_states(llm.engine, [r.prompt_token_ids for r in train])
     features_s = time.perf_counter() - start
     config = ProbeConfig(hidden_size=hidden.shape[1], kind=args.kind, hidden_dim=args.hidden_dim,
                          num_buckets=args.num_buckets, max_length=max(r.max_tokens for r in train),
@@ -184,7 +184,7 @@ def _predictor_extra(predictor, val: list, generation_ms: float) -> dict:
         failed = sum(parse_pia_length(text) is None for text in predictor.last_texts)
         return {"fallback_share": failed / len(val), "sample_answers": predictor.last_texts[:10]}
     if isinstance(predictor, ProbePredictor):
-        hidden = prompt_hidden_states(predictor.llm, [r.prompt_token_ids for r in val])
+        hidden = prompt_hidden_states(predictor.llm.engine, [r.prompt_token_ids for r in val])
         start = time.perf_counter()
         predictor.predict_from_hidden(hidden, [r.prompt_tokens for r in val])
         head_ms = 1e3 * (time.perf_counter() - start) / len(val)

@@ -3,7 +3,7 @@
 This is the state the engine computes anyway at the end of a prefill (its lm_head reads it to sample the first
 token), so a probe on it costs a few small matmuls at serving time. Here it is computed outside the scheduler,
 with Foreseer's model and paged KV cache: KV blocks are borrowed from the engine's block manager for one
-forward pass and given back, which leaves the engine's state as it was.
+forward pass and given back; their full blocks stay in the prefix cache for the prompts' generation.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from foreseer.worker.model_runner import Segment, prepare_batch
 
 
 @torch.inference_mode()
-def prompt_hidden_states(llm, prompts: Sequence[Sequence[int]], max_batch_tokens: int | None = None) -> torch.Tensor:
+def prompt_hidden_states(engine, prompts: Sequence[Sequence[int]], max_batch_tokens: int | None = None) -> torch.Tensor:
     """[len(prompts), hidden] float32 on the CPU: the final (post-norm) hidden state of each prompt's last token.
 
     Prompts are prefilled together, up to `max_batch_tokens` tokens per forward pass (default: the engine's
     step budget; a longer prompt runs alone).
     """
-    engine = llm.engine
     _check_prompts(engine, prompts)
     budget = max_batch_tokens or engine.config.scheduler.max_num_batched_tokens
     if budget < 1:
@@ -71,6 +70,11 @@ def _prefill_last_hidden(engine, prompts: list[Sequence[int]]) -> torch.Tensor:
         with forward_context(runner.backend, batch.metadata):
             hidden = runner.model(batch.input_ids, batch.positions)
         last = hidden[torch.tensor(batch.sample_index, device=runner.device)].float().cpu()
+        # The prompts' KV is in the cache now: their full blocks join the prefix cache, so that generating
+        # for the same prompts soon after reuses this prefill instead of computing it again.
+        for holder in holders:
+            holder.num_computed_tokens = holder.num_tokens
+            blocks.cache_computed_blocks(holder)
         return last[torch.tensor(order).argsort()]
     finally:
         for holder in holders:

@@ -163,6 +163,24 @@ class ConstantPredictor(LengthPredictor):
         return [self.value] * len(prompts)
 
 
+class KnownLengthPredictor(LengthPredictor):
+    """The oracle: lengths already known for each prompt (e.g. from an earlier run), for upper-bound studies."""
+
+    name = "oracle"
+
+    def __init__(self, lengths: dict[tuple[int, ...], int]) -> None:
+        self.lengths = lengths
+
+    @classmethod
+    def create(cls, llm, **options) -> KnownLengthPredictor:
+        raise ValueError("the oracle predictor needs the known lengths: build KnownLengthPredictor(lengths)")
+
+    def predict(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        missing = sum(tuple(p) not in self.lengths for p in prompts)
+        if missing:
+            raise ValueError(f"the oracle knows no length for {missing} of these prompts")
+        return [self.lengths[tuple(p)] for p in prompts]
+
 
 @register
 class ProbePredictor(LengthPredictor):
@@ -170,22 +188,26 @@ class ProbePredictor(LengthPredictor):
 
     name = "probe"
 
-    def __init__(self, llm, head: ProbeHead) -> None:
+    def __init__(self, llm, head: ProbeHead, quantile: float | None = None) -> None:
         if head.config.hidden_size != llm.engine.model_config.hidden_size:
             raise ValueError(f"probe is for hidden size {head.config.hidden_size}, the model has "
                              f"{llm.engine.model_config.hidden_size}")
+        if quantile is not None and (head.config.kind != "buckets" or not 0 < quantile < 1):
+            raise ValueError(f"quantile must be in (0, 1) and needs a buckets probe; got {quantile!r} for a "
+                             f"{head.config.kind} probe")
         self.llm = llm
         self.head = head
+        self.quantile = quantile  # None: the length most likely within the probe's tolerance; else an upper quantile
 
     @classmethod
-    def create(cls, llm, weights_dir: str | None = None) -> ProbePredictor:
+    def create(cls, llm, weights_dir: str | None = None, quantile: float | None = None) -> ProbePredictor:
         """The probe in weights_dir, by default the one shipped for the engine's model."""
         directory = weights_dir or default_probe_dir(llm.engine.config.model)
-        return cls(llm, ProbeHead.load(directory, llm.engine.model_config.hidden_size))
+        return cls(llm, ProbeHead.load(directory, llm.engine.model_config.hidden_size), quantile)
 
     def predict(self, prompts: Sequence[Sequence[int]]) -> list[int]:
-        return self.predict_from_hidden(prompt_hidden_states(self.llm, prompts), [len(p) for p in prompts])
+        return self.predict_from_hidden(prompt_hidden_states(self.llm.engine, prompts), [len(p) for p in prompts])
 
     def predict_from_hidden(self, hidden: torch.Tensor, prompt_lengths: Sequence[int]) -> list[int]:
         """From hidden states the engine's prefill already computed: the whole cost of the probe at serving time."""
-        return self.head.predict(hidden, torch.tensor(prompt_lengths))
+        return self.head.predict(hidden, torch.tensor(prompt_lengths), self.quantile)

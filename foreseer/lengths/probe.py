@@ -80,15 +80,24 @@ class ProbeHead(nn.Module):
         return self.net((self.inputs(hidden, prompt_lengths) - self.mean) / self.std)
 
     @torch.inference_mode()
-    def predict(self, hidden: torch.Tensor, prompt_lengths: torch.Tensor) -> list[int]:
-        """Predicted maximum answer lengths in [1, max_length]."""
+    def predict(self, hidden: torch.Tensor, prompt_lengths: torch.Tensor, quantile: float | None = None) -> list[int]:
+        """Predicted maximum answer lengths in [1, max_length].
+
+        With `quantile` (buckets only), the length the answer stays within with that probability: an upper
+        estimate, for schedulers that pay more for an answer longer than predicted than for a shorter one.
+        """
+        cfg = self.config
+        if quantile is not None and (cfg.kind != "buckets" or not 0 < quantile < 1):
+            raise ValueError(f"quantile must be in (0, 1) and needs a buckets probe; got {quantile!r} for a "
+                             f"{cfg.kind} probe")
         was_training = self.training
         self.eval()
         out = self(hidden, prompt_lengths)
         self.train(was_training)
-        cfg = self.config
         if cfg.kind == "regression":
             lengths = out[:, 0] * cfg.max_length
+        elif quantile is not None:
+            lengths = _quantile(out.softmax(-1), cfg.max_length, quantile)
         else:
             lengths = _most_likely_window(out.softmax(-1), cfg.max_length, cfg.tolerance)
         return [int(x) for x in lengths.round().clamp(1, cfg.max_length)]
@@ -137,6 +146,18 @@ class ProbeHead(nn.Module):
 def bucket_of(lengths: torch.Tensor, num_buckets: int, max_length: int) -> torch.Tensor:
     """Bucket index of each length in [1, max_length]: equal widths of max_length / num_buckets."""
     return ((lengths.float() - 1) * num_buckets / max_length).long().clamp(0, num_buckets - 1)
+
+
+def _quantile(probs: torch.Tensor, max_length: int, quantile: float) -> torch.Tensor:
+    """For each row of bucket probabilities, the length below which `quantile` of the mass lies, each bucket's
+    mass spread uniformly over its lengths."""
+    num_buckets = probs.shape[1]
+    cumulative = probs.cumsum(1)
+    bucket = (cumulative < quantile).sum(1, keepdim=True).clamp(max=num_buckets - 1)
+    mass = probs.gather(1, bucket).clamp(min=1e-12)
+    below = cumulative.gather(1, bucket) - mass
+    fraction = ((quantile - below) / mass).clamp(0, 1)
+    return ((bucket + fraction) * max_length / num_buckets)[:, 0]
 
 
 def _most_likely_window(probs: torch.Tensor, max_length: int, tolerance: int) -> torch.Tensor:

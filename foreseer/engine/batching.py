@@ -1,0 +1,278 @@
+"""Offline batching strategies for LLM.generate: how a known set of requests is cut into batches.
+
+- `continuous` (the default): every request goes to the engine at once; the scheduler refills the batch each step.
+- `static`: the baseline of Zheng et al. (2023): fixed batches in arrival order, each run until its last member
+  finishes before the next starts.
+- `seqsched`: sequence scheduling (Zheng et al., 2023): per group of queries, predict each answer's length, sort,
+  bin by predicted length, and run each bin in batches whose generation limit is the bin's upper edge (Failure
+  Collection and Recomputation: queries cut at that limit are recomputed after the group with the full limit);
+  with Variable Batch Size, a batch holds as many queries as the KV cache fits at its limit.
+
+Every strategy drives the same engine (add_request / step), so none changes what a request generates.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, ClassVar
+
+from foreseer.outputs import RequestOutput
+from foreseer.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from foreseer.lengths.predictors import LengthPredictor
+    from foreseer.llm import LLM
+
+
+@dataclass
+class Job:
+    """One validated request of a generate call."""
+
+    request_id: str
+    prompt: str | list[int]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved against the context
+    priority: int = 0
+
+
+@dataclass
+class BatchingStats:
+    """What a strategy computed, in the terms of the paper's ablation."""
+
+    num_queries: int = 0
+    generated_tokens: int = 0  # every token decoded, recomputed attempts included
+    useful_tokens: int = 0  # tokens of the final answers
+    padded_tokens: int = 0  # sum over batches of size x longest answer in it (what padded static batching decodes)
+    recomputed: list[str] = field(default_factory=list)  # request ids cut at their bin's limit and run again
+    prediction_s: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)  # of each batch run, in order
+    batch_limits: list[int] = field(default_factory=list)  # the longest generation limit in each batch
+
+    @property
+    def average_padded_length(self) -> float:
+        return self.padded_tokens / self.num_queries if self.num_queries else 0.0
+
+    @property
+    def useful_share(self) -> float:
+        return self.useful_tokens / self.padded_tokens if self.padded_tokens else 1.0
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batch_sizes)
+
+    @property
+    def num_recomputed(self) -> int:
+        return len(self.recomputed)
+
+    @property
+    def recomputed_share(self) -> float:
+        return self.num_recomputed / self.num_queries if self.num_queries else 0.0
+
+    def as_dict(self) -> dict:
+        return {"num_queries": self.num_queries, "num_batches": self.num_batches,
+                "generated_tokens": self.generated_tokens, "useful_tokens": self.useful_tokens,
+                "padded_tokens": self.padded_tokens, "num_recomputed": self.num_recomputed,
+                "prediction_s": self.prediction_s, "batch_sizes": self.batch_sizes,
+                "batch_limits": self.batch_limits, "average_padded_length": self.average_padded_length,
+                "useful_share": self.useful_share, "recomputed_share": self.recomputed_share}
+
+
+OnOutput = Callable[[RequestOutput], None]
+
+
+class BatchingStrategy(ABC):
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.stats = BatchingStats()
+
+    def run(self, llm: LLM, jobs: list[Job], on_output: OnOutput) -> None:
+        """Generate every job; `on_output` gets each job's final output once, in any order."""
+        self.stats = BatchingStats(num_queries=len(jobs))
+        if jobs:
+            self._run(llm, jobs, on_output)
+
+    @abstractmethod
+    def _run(self, llm: LLM, jobs: list[Job], on_output: OnOutput) -> None: ...
+
+    def _run_batch(self, llm: LLM, jobs: Sequence[Job], limits: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Run jobs together until the last finishes, each with its own generation limit; outputs in job order."""
+        engine = llm.engine
+        outputs: dict[str, RequestOutput] = {}
+        for i, job in enumerate(jobs):
+            params = job.params if limits is None else replace(job.params, max_tokens=limits[i])
+            engine.add_request(job.request_id, job.prompt, params, priority=job.priority)
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    outputs[output.request_id] = output
+        ordered = [outputs[job.request_id] for job in jobs]
+        lengths = [max(len(c.token_ids) for c in out.outputs) for out in ordered]
+        self.stats.batch_sizes.append(len(jobs))
+        self.stats.batch_limits.append(max(limits) if limits is not None else max(j.max_tokens for j in jobs))
+        self.stats.generated_tokens += sum(sum(len(c.token_ids) for c in out.outputs) for out in ordered)
+        self.stats.padded_tokens += len(jobs) * max(lengths, default=0)
+        return ordered
+
+    def _emit(self, output: RequestOutput, on_output: OnOutput) -> None:
+        self.stats.useful_tokens += sum(len(c.token_ids) for c in output.outputs)
+        on_output(output)
+
+
+class ContinuousBatching(BatchingStrategy):
+    """Everything to the engine at once: its scheduler batches continuously under its own policy."""
+
+    name = "continuous"
+
+    def _run(self, llm: LLM, jobs: list[Job], on_output: OnOutput) -> None:
+        for output in self._run_batch(llm, jobs):
+            self._emit(output, on_output)
+        # No padding: a finished request leaves the batch at once.
+        self.stats.padded_tokens = self.stats.generated_tokens
+
+
+def kv_batch_size(llm: LLM, prompt_lengths: Sequence[int], limit: int) -> int:
+    """How many of these prompts, each generating `limit` tokens, the KV cache holds at once (at least 1),
+    capped at the engine's max_num_seqs so that the engine never queues part of a batch."""
+    blocks = llm.engine.block_manager
+    free = blocks.num_blocks
+    count = 0
+    for length in prompt_lengths:
+        need = blocks.blocks_needed(length + limit)
+        if need > free or count == llm.engine.config.scheduler.max_num_seqs:
+            break
+        free -= need
+        count += 1
+    return max(count, 1)
+
+
+class StaticBatching(BatchingStrategy):
+    """Fixed batches in arrival order, each run until its last member finishes (the paper's vanilla baseline).
+
+    The batch size is `batch_size`, or by default as many queries of mean prompt length at the full
+    generation limit as the KV cache holds (what a static batch must reserve).
+    """
+
+    name = "static"
+
+    def __init__(self, batch_size: int | None = None) -> None:
+        super().__init__()
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
+
+    def _run(self, llm: LLM, jobs: list[Job], on_output: OnOutput) -> None:
+        size = self.batch_size or fixed_batch_size(llm, jobs)
+        for start in range(0, len(jobs), size):
+            for output in self._run_batch(llm, jobs[start:start + size]):
+                self._emit(output, on_output)
+
+
+def fixed_batch_size(llm: LLM, jobs: Sequence[Job]) -> int:
+    """The static batch size for these jobs: queries of mean prompt length at the longest limit the KV cache holds."""
+    mean_prompt = math.ceil(sum(len(j.prompt_token_ids) for j in jobs) / max(len(jobs), 1))
+    longest = max((j.max_tokens for j in jobs), default=1)
+    return kv_batch_size(llm, [mean_prompt] * len(jobs), longest)
+
+
+class SequenceScheduling(BatchingStrategy):
+    """Sequence scheduling with response-length perception (Zheng et al., 2023).
+
+    Each group of `group_size` queries (in arrival order) is predicted, sorted by predicted length and binned
+    by `bin_width` tokens. Each bin runs in batches; with `fcr`, a batch's generation limit is its bin's upper
+    edge and the queries it cuts off are recomputed after the group with their full limit (without, a batch
+    runs until its last member finishes); with `vbs`, a batch holds as many queries as the KV cache fits at
+    its limit, else every batch has the static batch size.
+    """
+
+    name = "seqsched"
+
+    # FCR pays a whole recomputation for an answer longer than its bin and only padding for a shorter one, so the
+    # shipped probe predicts an upper quantile of its length distribution here, not its most likely length.
+    DEFAULT_PREDICTOR_OPTIONS: ClassVar[dict[str, dict]] = {"probe": {"quantile": 0.9}}
+
+    def __init__(self, predictor: str | LengthPredictor = "probe", group_size: int = 256, bin_width: int = 50,
+                 fcr: bool = True, vbs: bool = True, batch_size: int | None = None,
+                 predictor_options: dict | None = None) -> None:
+        super().__init__()
+        for name, value in (("group_size", group_size), ("bin_width", bin_width)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.predictor = predictor
+        self.predictor_options = predictor_options
+        self.group_size = group_size
+        self.bin_width = bin_width
+        self.fcr = fcr
+        self.vbs = vbs
+        self.batch_size = batch_size
+
+    def _run(self, llm: LLM, jobs: list[Job], on_output: OnOutput) -> None:
+        predictor = self._predictor(llm)
+        fixed = self.batch_size or fixed_batch_size(llm, jobs)
+        for start in range(0, len(jobs), self.group_size):
+            group = jobs[start:start + self.group_size]
+            began = time.perf_counter()
+            predicted = predictor.predict([j.prompt_token_ids for j in group])
+            self.stats.prediction_s += time.perf_counter() - began
+            failures = []
+            for batch, limits in self._batches(llm, group, predicted, fixed):
+                for job, limit, output in zip(batch, limits, self._run_batch(llm, batch, limits)):
+                    if limit < job.max_tokens and any(c.finish_reason == "length" for c in output.outputs):
+                        failures.append(job)
+                    else:
+                        self._emit(output, on_output)
+            # Failure Collection and Recomputation: the cut-off queries, again from the start, with full limits.
+            self.stats.recomputed.extend(job.request_id for job in failures)
+            for start_failed in range(0, len(failures), fixed):
+                for output in self._run_batch(llm, failures[start_failed:start_failed + fixed]):
+                    self._emit(output, on_output)
+
+    def _predictor(self, llm: LLM) -> LengthPredictor:
+        if isinstance(self.predictor, str):
+            from foreseer.lengths.predictors import create_predictor
+
+            options = self.predictor_options
+            if options is None:
+                options = self.DEFAULT_PREDICTOR_OPTIONS.get(self.predictor, {})
+            return create_predictor(self.predictor, llm, **options)
+        return self.predictor
+
+    def _batches(self, llm: LLM, group: list[Job], predicted: list[int],
+                 fixed: int) -> list[tuple[list[Job], list[int]]]:
+        """Sorted, binned batches with each member's generation limit."""
+        order = sorted(range(len(group)), key=lambda i: predicted[i])
+        bins: dict[int, list[int]] = {}
+        for i in order:
+            bins.setdefault(max(math.ceil(predicted[i] / self.bin_width), 1), []).append(i)
+        batches = []
+        for index, members in bins.items():
+            edge = index * self.bin_width
+            limits = [min(edge, group[i].max_tokens) if self.fcr else group[i].max_tokens for i in members]
+            while members:
+                # VBS sizes the batch for the bin's predicted lengths; without FCR a longer answer than
+                # predicted may still outgrow it, and the engine then preempts (and recomputes) to make room.
+                size = kv_batch_size(llm, [len(group[i].prompt_token_ids) for i in members],
+                                     min(edge, max(group[i].max_tokens for i in members))) if self.vbs else fixed
+                batches.append(([group[i] for i in members[:size]], limits[:size]))
+                members, limits = members[size:], limits[size:]
+        return batches
+
+
+STRATEGIES: dict[str, type[BatchingStrategy]] = {
+    s.name: s for s in (ContinuousBatching, StaticBatching, SequenceScheduling)
+}
+
+
+def get_strategy(batching: str | BatchingStrategy) -> BatchingStrategy:
+    if isinstance(batching, BatchingStrategy):
+        return batching
+    if batching not in STRATEGIES:
+        raise ValueError(f"unknown batching {batching!r}; available: {', '.join(STRATEGIES)}")
+    return STRATEGIES[batching]()

@@ -1,0 +1,126 @@
+"""Offline batching strategies: static batches and sequence scheduling (sorting, binning, FCR, VBS) generate
+exactly what plain generation does, in the caller's order."""
+
+import math
+
+import pytest
+import torch
+
+from foreseer import LLM, SamplingParams
+from foreseer.engine.batching import SequenceScheduling, StaticBatching
+from foreseer.lengths.predictors import ConstantPredictor, KnownLengthPredictor, ProbePredictor
+from foreseer.lengths.probe import ProbeConfig, ProbeHead
+
+ENGINE = dict(block_size=4, max_num_batched_tokens=64)
+
+
+def _workload():
+    prompts = [list(range(3 + i, 9 + 3 * (i % 4) + i)) for i in range(10)]
+    lengths = [5, 30, 12, 3, 22, 17, 8, 26, 1, 14]  # each answer's true length (ignore_eos: its max_tokens)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    return prompts, lengths, params
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_llama):
+    return LLM(tiny_llama, kv_cache_gib=0.002, **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_engine):
+    prompts, _, params = _workload()
+    return [o.outputs[0].token_ids for o in tiny_engine.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def probe_dir(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    head = ProbeHead(ProbeConfig(hidden_size=64, kind="regression", hidden_dim=16, max_length=40))
+    with torch.no_grad():  # spread the outputs so that prompts fall into different bins
+        head.net[-1].weight.normal_(0, 0.5)
+        head.net[-1].bias.fill_(0.5)
+    directory = str(tmp_path_factory.mktemp("probe"))
+    head.save(directory)
+    return directory
+
+
+def test_every_schedule_gives_plain_generations_text_in_the_callers_order(tiny_engine, reference, probe_dir):
+    prompts, _, params = _workload()
+    probe = ProbePredictor(tiny_engine, ProbeHead.load(probe_dir, 64))
+    strategies = [
+        "continuous", "static", StaticBatching(batch_size=3), SequenceScheduling(probe),
+        SequenceScheduling(probe, group_size=4, bin_width=8, fcr=False, vbs=False, batch_size=2),
+        SequenceScheduling(probe, group_size=6, bin_width=5, fcr=True, vbs=False, batch_size=3),
+        SequenceScheduling(ConstantPredictor(10), bin_width=4),
+    ]
+    for strategy in strategies:
+        outputs = tiny_engine.generate(prompts, params, use_tqdm=False, batching=strategy)
+        assert [o.prompt_token_ids for o in outputs] == prompts, strategy
+        assert [o.outputs[0].token_ids for o in outputs] == reference, strategy
+    assert len(set(probe.predict(prompts))) > 2  # the probe really spread the queries over bins
+
+
+def test_seqsched_by_name_uses_the_shipped_probe_and_reports_bad_names(tiny_engine):
+    prompts, _, params = _workload()
+    with pytest.raises(ValueError, match="unknown batching 'padded'"):
+        tiny_engine.generate(prompts, params, batching="padded")
+    with pytest.raises(ValueError, match="no probe is shipped"):  # the tiny model has none
+        tiny_engine.generate(prompts, params, use_tqdm=False, batching="seqsched")
+
+
+def test_fcr_recomputes_exactly_the_queries_cut_off_at_their_bins_edge(tiny_engine, reference):
+    prompts, lengths, params = _workload()
+    predicted = [6, 12, 8, 2, 30, 9, 9, 28, 4, 10]  # some under, some over the truth
+    width = 5
+    strategy = SequenceScheduling(KnownLengthPredictor({tuple(p): n for p, n in zip(prompts, predicted)}),
+                                  bin_width=width, fcr=True, vbs=False, batch_size=4)
+    outputs = tiny_engine.generate(prompts, params, use_tqdm=False, batching=strategy)
+    assert [o.outputs[0].token_ids for o in outputs] == reference
+    cut = {o.request_id for o, n, p in zip(outputs, lengths, predicted) if n > math.ceil(p / width) * width}
+    assert set(strategy.stats.recomputed) == cut and len(cut) == 4
+    assert strategy.stats.useful_tokens == sum(lengths)
+    # The cut-off attempts decoded their bin's edge first, then everything again.
+    wasted = sum(math.ceil(p / width) * width for n, p in zip(lengths, predicted) if n > math.ceil(p / width) * width)
+    assert strategy.stats.generated_tokens == sum(lengths) + wasted
+    # Every batch of a bin ran up to its edge at most, and the recomputation at the full limits.
+    assert strategy.stats.batch_limits[-1] == max(n for n, p in zip(lengths, predicted)
+                                                  if n > math.ceil(p / width) * width)
+
+
+def test_vbs_fills_the_kv_cache_at_each_bins_limit_and_never_overflows(tiny_engine, reference):
+    prompts, lengths, params = _workload()
+    blocks = tiny_engine.engine.block_manager
+    truth = KnownLengthPredictor({tuple(p): n for p, n in zip(prompts, lengths)})  # the oracle: no failures
+    strategy = SequenceScheduling(truth, bin_width=10, fcr=True, vbs=True)
+    outputs = tiny_engine.generate(prompts, params, use_tqdm=False, batching=strategy)
+    assert [o.outputs[0].token_ids for o in outputs] == reference
+    assert strategy.stats.num_recomputed == 0
+    assert all(o.metrics.num_preemptions == 0 for o in outputs)  # every batch fit in the KV cache
+    # Batches come in predicted order; each is as large as the cache allows at its limit.
+    by_length = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    start = 0
+    for size, limit in zip(strategy.stats.batch_sizes, strategy.stats.batch_limits):
+        members = by_length[start:start + size]
+        need = sum(blocks.blocks_needed(len(prompts[i]) + limit) for i in members)
+        assert need <= blocks.num_blocks
+        bin_members = [i for i in by_length[start + size:] if math.ceil(lengths[i] / 10) * 10 == limit]
+        if bin_members:  # the batch stopped early only because the next member of its bin would not fit
+            assert need + blocks.blocks_needed(len(prompts[bin_members[0]]) + limit) > blocks.num_blocks
+        start += size
+    assert start == len(prompts)
+    assert strategy.stats.batch_sizes[0] > strategy.stats.batch_sizes[-1]  # short bins get larger batches
+
+
+def test_static_batches_run_in_arrival_order_with_padding_accounted(tiny_engine, reference):
+    prompts, lengths, params = _workload()
+    strategy = StaticBatching(batch_size=4)
+    outputs = tiny_engine.generate(prompts, params, use_tqdm=False, batching=strategy)
+    assert [o.outputs[0].token_ids for o in outputs] == reference
+    assert strategy.stats.batch_sizes == [4, 4, 2]
+    padded = 4 * max(lengths[:4]) + 4 * max(lengths[4:8]) + 2 * max(lengths[8:])
+    assert strategy.stats.padded_tokens == padded
+    assert strategy.stats.useful_share == pytest.approx(sum(lengths) / padded)
+    # Batches do not overlap: each starts after the previous one's last member finished.
+    finish = [o.metrics.finished_time for o in outputs]
+    start = [o.metrics.first_scheduled_time for o in outputs]
+    assert min(start[4:8]) >= max(finish[:4]) and min(start[8:]) >= max(finish[4:8])
