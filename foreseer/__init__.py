@@ -1,8 +1,9 @@
 """Foreseer: an exact, fast LLM inference and serving engine."""
 
 from foreseer.llm import LLM
+from foreseer.lora import LoRARequest
 from foreseer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from foreseer.sampling_params import SamplingParams
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestMetrics", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "LoRARequest", "RequestMetrics", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"

@@ -93,6 +93,22 @@ class SpeculativeConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Multi-LoRA serving (vLLM's enable_lora, max_lora_rank, max_loras)."""
+
+    enable_lora: bool = False
+    max_lora_rank: int = 16  # adapters of a higher rank are refused
+    # Adapters kept loaded: beyond it, loading another evicts the least recently used one that no unfinished
+    # request uses (while all are in use, more stay loaded).
+    max_loras: int = 4
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.enable_lora, bool), "enable_lora", "must be True or False")
+        for name in ("max_lora_rank", "max_loras"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+
+
+@dataclass
 class EngineConfig:
     model: str = "smollm2-135m-instruct"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
@@ -103,6 +119,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative_config: SpeculativeConfig | None = None
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     # Predict each request's answer length from its prefill's last hidden state: "probe" (the head shipped for
     # the model) or a directory of a trained probe head; outputs then carry `predicted_length`.
     length_predictor: str | None = None
@@ -115,7 +132,7 @@ class EngineConfig:
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
         """Flat keyword arguments (as LLM(...) and the CLI take them) into the nested configs."""
-        sections = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+        sections = {"cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoRAConfig}
         nested: dict[str, dict] = {name: {} for name in sections}
         top = {}
         aliases = {"scheduling_policy": ("scheduler", "policy")}
@@ -132,7 +149,7 @@ class EngineConfig:
             else:
                 raise TypeError(f"unknown engine argument {key!r}")
         return cls(model=model, cache=CacheConfig(**nested["cache"]),
-                   scheduler=SchedulerConfig(**nested["scheduler"]), **top)
+                   scheduler=SchedulerConfig(**nested["scheduler"]), lora=LoRAConfig(**nested["lora"]), **top)
 
 
 def _check(ok: bool, name: str, message: str) -> None:

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from foreseer.config import EngineConfig
 from foreseer.engine.batching import BatchingStrategy, Job, get_strategy
 from foreseer.engine.engine import LLMEngine
+from foreseer.lora import LoRARequest
 from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from foreseer.sampling_params import SamplingParams
 
@@ -36,8 +37,12 @@ class LLM:
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
         batching: str | BatchingStrategy = "continuous",
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; a prompt that cannot be served gets an output with `error` set.
+
+        `lora_request` runs every prompt, or each prompt (a list), with a LoRA adapter (None: the base model);
+        the engine needs enable_lora=True.
 
         `batching` cuts the prompts into batches: "continuous" (the engine's scheduler, the default), "static"
         (fixed batches in arrival order) or "seqsched" (sequence scheduling by predicted length), or a
@@ -48,21 +53,24 @@ class LLM:
             prompts = [prompts]
         params_list = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
         priorities = _per_prompt(priority if priority is not None else 0, len(prompts), "priority")
+        loras = _per_prompt(lora_request, len(prompts), "lora_request")
         results: dict[str, RequestOutput] = {}
         order = []
         jobs = []
-        for prompt, params, prio in zip(prompts, params_list, priorities):
+        for prompt, params, prio, lora in zip(prompts, params_list, priorities, loras):
             request_id = str(self._counter)
             self._counter += 1
             order.append(request_id)
             try:
                 token_ids = self.engine.tokenize_prompt(prompt)
                 max_tokens = self.engine.check_lengths(len(token_ids), params)
+                if lora is not None:
+                    self.engine.load_lora(lora)
             except ValueError as error:
                 logger.warning("request %s rejected: %s", request_id, error)
                 results[request_id] = _rejected(request_id, prompt, str(error))
                 continue
-            jobs.append(Job(request_id, prompt, token_ids, params, max_tokens, prio))
+            jobs.append(Job(request_id, prompt, token_ids, params, max_tokens, prio, lora))
         bar = tqdm(total=len(jobs), desc="generate", disable=not use_tqdm, unit="req")
 
         def finished(output: RequestOutput) -> None:
@@ -85,11 +93,12 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation and generate the assistant's reply."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True) -> list[int]:
         if self.tokenizer.chat_template is None:

@@ -117,7 +117,8 @@ def plot_latency(report: dict, path: str) -> None:
               ("ttft_ms", "max", "longest wait for the first token (s)"))
     for ax, (metric, stat, label) in zip(axes, panels):
         for policy in report["policies"]:
-            rows = [r for r in report["results"] if r["policy"] == policy]
+            # An unlimited rate ("inf") has no place on the axis.
+            rows = [r for r in report["results"] if r["policy"] == policy and r["request_rate"] != "inf"]
             ax.plot([r["request_rate"] for r in rows], [(r[metric][stat] or 0) / 1000 for r in rows], marker="o",
                     label=policy)
         ax.set_xlabel("request rate (requests/s)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar
 
@@ -26,6 +26,7 @@ from foreseer.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from foreseer.lengths.predictors import LengthPredictor
     from foreseer.llm import LLM
+    from foreseer.lora import LoRARequest
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Job:
     params: SamplingParams
     max_tokens: int  # resolved against the context
     priority: int = 0
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -100,24 +102,28 @@ class BatchingStrategy(ABC):
     @abstractmethod
     def _run(self, llm: LLM, jobs: list[Job], on_output: OnOutput) -> None: ...
 
-    def _run_batch(self, llm: LLM, jobs: Sequence[Job], limits: Sequence[int] | None = None) -> list[RequestOutput]:
-        """Run jobs together until the last finishes, each with its own generation limit; outputs in job order."""
+    def _run_batch(self, llm: LLM, jobs: Sequence[Job],
+                   limits: Sequence[int] | None = None) -> Iterator[tuple[Job, int, RequestOutput]]:
+        """Run jobs together until the last finishes, each with its own generation limit (default: its
+        max_tokens); yields (job, limit, output) as each finishes."""
         engine = llm.engine
-        outputs: dict[str, RequestOutput] = {}
-        for i, job in enumerate(jobs):
-            params = job.params if limits is None else replace(job.params, max_tokens=limits[i])
-            engine.add_request(job.request_id, job.prompt, params, priority=job.priority)
+        limits = [job.max_tokens for job in jobs] if limits is None else limits
+        by_id = {}
+        for job, limit in zip(jobs, limits):
+            engine.add_request(job.request_id, job.prompt, replace(job.params, max_tokens=limit),
+                               priority=job.priority, lora_request=job.lora_request)
+            by_id[job.request_id] = (job, limit)
+        longest = 0
         while engine.has_unfinished_requests():
             for output in engine.step():
                 if output.finished:
-                    outputs[output.request_id] = output
-        ordered = [outputs[job.request_id] for job in jobs]
-        lengths = [max(len(c.token_ids) for c in out.outputs) for out in ordered]
+                    lengths = [len(c.token_ids) for c in output.outputs]
+                    self.stats.generated_tokens += sum(lengths)
+                    longest = max(longest, *lengths)
+                    yield (*by_id[output.request_id], output)
         self.stats.batch_sizes.append(len(jobs))
-        self.stats.batch_limits.append(max(limits) if limits is not None else max(j.max_tokens for j in jobs))
-        self.stats.generated_tokens += sum(sum(len(c.token_ids) for c in out.outputs) for out in ordered)
-        self.stats.padded_tokens += len(jobs) * max(lengths, default=0)
-        return ordered
+        self.stats.batch_limits.append(max(limits))
+        self.stats.padded_tokens += len(jobs) * longest
 
     def _emit(self, output: RequestOutput, on_output: OnOutput) -> None:
         self.stats.useful_tokens += sum(len(c.token_ids) for c in output.outputs)
@@ -130,7 +136,7 @@ class ContinuousBatching(BatchingStrategy):
     name = "continuous"
 
     def _run(self, llm: LLM, jobs: list[Job], on_output: OnOutput) -> None:
-        for output in self._run_batch(llm, jobs):
+        for _, _, output in self._run_batch(llm, jobs):
             self._emit(output, on_output)
         # No padding: a finished request leaves the batch at once.
         self.stats.padded_tokens = self.stats.generated_tokens
@@ -169,7 +175,7 @@ class StaticBatching(BatchingStrategy):
     def _run(self, llm: LLM, jobs: list[Job], on_output: OnOutput) -> None:
         size = self.batch_size or fixed_batch_size(llm, jobs)
         for start in range(0, len(jobs), size):
-            for output in self._run_batch(llm, jobs[start:start + size]):
+            for _, _, output in self._run_batch(llm, jobs[start:start + size]):
                 self._emit(output, on_output)
 
 
@@ -223,7 +229,7 @@ class SequenceScheduling(BatchingStrategy):
             self.stats.prediction_s += time.perf_counter() - began
             failures = []
             for batch, limits in self._batches(llm, group, predicted, fixed):
-                for job, limit, output in zip(batch, limits, self._run_batch(llm, batch, limits)):
+                for job, limit, output in self._run_batch(llm, batch, limits):
                     if limit < job.max_tokens and any(c.finish_reason == "length" for c in output.outputs):
                         failures.append(job)
                     else:
@@ -231,7 +237,7 @@ class SequenceScheduling(BatchingStrategy):
             # Failure Collection and Recomputation: the cut-off queries, again from the start, with full limits.
             self.stats.recomputed.extend(job.request_id for job in failures)
             for start_failed in range(0, len(failures), fixed):
-                for output in self._run_batch(llm, failures[start_failed:start_failed + fixed]):
+                for _, _, output in self._run_batch(llm, failures[start_failed:start_failed + fixed]):
                     self._emit(output, on_output)
 
     def _predictor(self, llm: LLM) -> LengthPredictor:

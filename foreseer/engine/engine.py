@@ -15,6 +15,7 @@ from foreseer.engine.detokenizer import IncrementalDetokenizer
 from foreseer.engine.request import Request
 from foreseer.lengths.features import prompt_hidden_states
 from foreseer.lengths.probe import ProbeHead, default_probe_dir
+from foreseer.lora import LoRAAdapter, LoRAManager, LoRARequest
 from foreseer.models.loader import load_model_config, load_tokenizer, resolve_model
 from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpeculationFigures
 from foreseer.sampling_params import SamplingParams
@@ -39,6 +40,7 @@ class _ParentRequest:
     params: SamplingParams
     sequences: list[_Sequence]
     predicted_length: int | None = None
+    lora_request: LoRARequest | None = None
 
     def output(self) -> RequestOutput:
         requests = [s.request for s in self.sequences]
@@ -137,7 +139,7 @@ class LLMEngine:
 
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-        arrival_time: float | None = None, priority: int = 0,
+        arrival_time: float | None = None, priority: int = 0, lora_request: LoRARequest | None = None,
     ) -> None:
         """Validate and queue a request; raises ValueError (and changes nothing) if it cannot be served."""
         params = params or SamplingParams()
@@ -145,19 +147,38 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenize_prompt(prompt)
         max_tokens = self.check_lengths(len(token_ids), params)
+        if lora_request is not None:  # last: a request refused before holds no adapter
+            self._lora_manager(lora_request).acquire(lora_request)
         sequences = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             request = Request(f"{request_id}#{i}", token_ids, params, max_tokens, self.eos_token_ids,
                               arrival_time, priority, seed)
+            request.lora_request = lora_request
+            request.cache_salt = None if lora_request is None else lora_request.cache_salt
             detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                  params.stop_strings, params.include_stop_str_in_output)
             sequences.append(_Sequence(request, detokenizer))
-        parent = _ParentRequest(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, sequences)
+        parent = _ParentRequest(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, sequences,
+                                lora_request=lora_request)
         self.parents[request_id] = parent
         for seq in sequences:
             self._sequences[seq.request.request_id] = (parent, seq)
             self.scheduler.add_request(seq.request)
+
+    def load_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Load an adapter ahead of its requests; ValueError if LoRA is off or the adapter cannot serve this model."""
+        return self._lora_manager(lora_request).load(lora_request)
+
+    def _lora_manager(self, lora_request: LoRARequest) -> LoRAManager:
+        if self.runner.lora is None:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} requested, but the engine was started without "
+                             "enable_lora=True")
+        return self.runner.lora
+
+    def _release_lora(self, parent: _ParentRequest) -> None:
+        if parent.lora_request is not None:
+            self.runner.lora.release(parent.lora_request.lora_int_id)
 
     def check_lengths(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         if num_prompt_tokens == 0:
@@ -189,6 +210,7 @@ class LLMEngine:
         for seq in parent.sequences:
             self.scheduler.finish_request(seq.request, "abort")
             del self._sequences[seq.request.request_id]
+        self._release_lora(parent)
         return parent.output()
 
     def has_unfinished_requests(self) -> bool:
@@ -227,22 +249,30 @@ class LLMEngine:
                 del self.parents[parent.request_id]
                 for seq in parent.sequences:
                     del self._sequences[seq.request.request_id]
+                self._release_lora(parent)
             outputs.append(output)
         return outputs
 
     def _predict_waiting_lengths(self) -> None:
         """Predict the answer lengths of waiting requests that have none, before the policy ranks them: one
         prefill of their prompts on borrowed KV blocks (which then stay in the prefix cache for their own
-        prefill). Prompts that do not fit in the free blocks wait for a later step; until then the policy
-        takes their max_tokens."""
+        prefill). Prompts that do not fit in the free blocks or the step's budget wait for a later step; until
+        then the policy takes their max_tokens."""
         free = self.block_manager.num_free_blocks
+        # At most one step's token budget of prompts per step, so that a burst of arrivals does not stall the
+        # running requests for one long prediction pass.
+        budget = self.config.scheduler.max_num_batched_tokens
         parents: dict[str, _ParentRequest] = {}
         for request in self.scheduler.waiting:
             parent, _ = self._sequences[request.request_id]
-            need = self.block_manager.blocks_needed(len(parent.prompt_token_ids))
+            num_tokens = len(parent.prompt_token_ids)
+            need = self.block_manager.blocks_needed(num_tokens)
             if request.predicted_length is None and parent.request_id not in parents and need <= free:
+                if parents and num_tokens > budget:
+                    break
                 parents[parent.request_id] = parent
                 free -= need
+                budget -= num_tokens
         if not parents:
             return
         prompts = [p.prompt_token_ids for p in parents.values()]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import time
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from foreseer.outputs import Logprob, RequestMetrics
 from foreseer.sampling_params import SamplingParams
 from foreseer.spec.tree import DraftTree
+
+if TYPE_CHECKING:
+    from foreseer.lora.request import LoRARequest
 
 
 class RequestStatus(Enum):
@@ -51,6 +55,7 @@ class Request:
         self.block_hashes: list[int] = []  # chained hashes of this request's full blocks, in order
         # Seeds the hash chain: requests whose KV must never be shared (e.g. other adapters) differ here.
         self.cache_salt: int | str | None = None
+        self.lora_request: LoRARequest | None = None  # the adapter its tokens run with; None: the base model
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)

@@ -13,6 +13,7 @@ from torch import nn
 from foreseer.attention import AttentionBackend, AttentionMetadata, PrefillSegment, forward_context, get_backend
 from foreseer.config import EngineConfig
 from foreseer.core.output import ModelRunnerOutput, SchedulerOutput
+from foreseer.lora import LoRAManager, lora_context
 from foreseer.models.config import ModelConfig
 from foreseer.models.loader import ModelSource, iter_weights
 from foreseer.models.registry import build_model
@@ -65,6 +66,7 @@ class ModelRunner:
         )
         for layer, cache in zip(self.model.attention_layers(), caches):
             layer.kv_cache = cache
+        self.lora = LoRAManager(config.lora, self.model, self.device, self.dtype) if config.lora.enable_lora else None
         self.sampler = Sampler(config.seed)
         self.num_computed_tokens_total = 0  # tokens run through the model so far (prefill and decode)
         self.return_hidden_states = False  # set when a draft proposer reads the target's hidden states
@@ -108,7 +110,9 @@ class ModelRunner:
                 sample_drafts.append(draft)
         batch = prepare_batch(segments, self.block_size, self.device)
         self.num_computed_tokens_total += len(batch.input_ids)
-        with forward_context(self.backend, batch.metadata):
+        lora_batch = None if self.lora is None else self.lora.batch(
+            [(item.num_new_tokens, item.request.lora_request) for item in items])
+        with forward_context(self.backend, batch.metadata), lora_context(lora_batch):
             hidden = self.model(batch.input_ids, batch.positions)
         if not sample_requests:
             return ModelRunnerOutput(sampled={})
