@@ -41,6 +41,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--speculative-config", type=json.loads, default=None,
                        help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 5}\'')
+    group.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters beside the base model")
+    group.add_argument("--max-lora-rank", type=int, default=16, help="adapters of a higher rank are refused")
+    group.add_argument("--max-loras", type=int, default=4, help="adapters kept loaded while idle")
     group.add_argument("--length-predictor", default=None,
                        help="'probe' (shipped for the default model) or a probe directory: predict answer lengths")
 
@@ -68,6 +71,7 @@ def _make_llm(args: argparse.Namespace):
         mlfq_prefill_tokens_per_iteration=args.mlfq_prefill_tokens_per_iteration,
         attention_backend=args.attention_backend, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
         speculative_config=args.speculative_config, length_predictor=args.length_predictor,
+        enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
     )
 
 
