@@ -43,7 +43,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 5}\'')
     group.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters beside the base model")
     group.add_argument("--max-lora-rank", type=int, default=16, help="adapters of a higher rank are refused")
-    group.add_argument("--max-loras", type=int, default=4, help="adapters kept loaded while idle")
+    group.add_argument("--max-loras", type=int, default=4,
+                       help="device slots: distinct LoRA adapters in one batch")
+    group.add_argument("--max-cpu-loras", type=int, default=None,
+                       help="LoRA adapters cached in host memory (default: max(16, --max-loras))")
+    group.add_argument("--lora-memory", default="separate", choices=["separate", "unified"],
+                       help="unified: loaded adapters take their memory from the KV cache's blocks (S-LoRA)")
     group.add_argument("--length-predictor", default=None,
                        help="'probe' (shipped for the default model) or a probe directory: predict answer lengths")
 
@@ -72,6 +77,7 @@ def _make_llm(args: argparse.Namespace):
         attention_backend=args.attention_backend, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
         speculative_config=args.speculative_config, length_predictor=args.length_predictor,
         enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras, lora_memory=args.lora_memory,
     )
 
 
@@ -163,7 +169,7 @@ def cmd_bench_seqsched(args: argparse.Namespace) -> int:
         dataset=args.dataset, num_prompts=args.num_prompts, skip_prompts=args.skip_prompts,
         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, group_size=args.group_size,
         bin_width=args.bin_width, predictor=args.predictor, predictor_options=args.predictor_options, rows=args.rows,
-        output_json=args.output_json,
+        padded=args.padded, output_json=args.output_json,
     ))
     return 0
 
@@ -187,14 +193,47 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
     return 0
 
 
+def lora_module(value: str) -> tuple[str, str]:
+    """One --lora-modules entry: name=path, or vLLM's JSON form {"name": ..., "path": ...}."""
+    if value.lstrip().startswith("{"):
+        try:
+            entry = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {value!r}") from error
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(
+                entry.get("path"), str):
+            raise argparse.ArgumentTypeError(f'a JSON entry needs "name" and "path" strings, got {value!r}')
+        name, path = entry["name"], entry["path"]
+    else:
+        name, sep, path = value.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected name=path (e.g. sql-lora=/adapters/sql), got {value!r}")
+    if not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"both the name and the path must be non-empty, got {value!r}")
+    return name.strip(), path.strip()
+
+
+def _lora_modules(args: argparse.Namespace) -> dict[str, str]:
+    modules: dict[str, str] = {}
+    for name, path in args.lora_modules or []:
+        if name in modules:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        modules[name] = path
+    if modules and not args.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
+    return modules
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from foreseer.engine.async_engine import AsyncLLMEngine
     from foreseer.server import create_app
 
+    lora_modules = _lora_modules(args)  # before the model loads: a typo fails fast
     engine = AsyncLLMEngine(_make_llm(args).engine, max_waiting_requests=args.max_waiting_requests)
-    app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key)
+    app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
+                     lora_modules=lora_modules)
     # uvicorn drains on SIGTERM: it stops listening, lets running requests finish, then the app stops the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -277,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     seqsched.add_argument("--predictor", default="probe", help="length predictor (probe, pia, constant)")
     seqsched.add_argument("--predictor-options", type=json.loads, default=None,
                           help='JSON options of the predictor (default for the probe: \'{"quantile": 0.9}\')')
+    seqsched.add_argument("--padded", action="store_true",
+                          help="static batches decode padding until their last member ends (the paper's setting)")
     seqsched.add_argument("--rows", nargs="+", default=list(SEQSCHED_ROWS), choices=SEQSCHED_ROWS,
                           help="schedules to run (continuous always runs first: the reference)")
     seqsched.add_argument("--output-json", default=None)
@@ -291,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences that may wait for the engine; beyond, requests get 503 with Retry-After")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1 endpoints")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--lora-modules", nargs="+", type=lora_module, default=None, metavar="NAME=PATH",
+                       help="LoRA adapters served by name (the request's `model` field), as name=path or vLLM's "
+                            '\'{"name": ..., "path": ...}\'; needs --enable-lora')
     _add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -124,3 +124,31 @@ def test_static_batches_run_in_arrival_order_with_padding_accounted(tiny_engine,
     finish = [o.metrics.finished_time for o in outputs]
     start = [o.metrics.first_scheduled_time for o in outputs]
     assert min(start[4:8]) >= max(finish[:4]) and min(start[8:]) >= max(finish[4:8])
+
+
+def test_padded_batches_decode_until_their_last_member_ends_and_cut_outputs_exactly(tiny_engine):
+    prompts, lengths, _ = _workload()
+    plain = tiny_engine.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                                 use_tqdm=False)
+    # Each prompt stops at a token its answer reaches at a different point (a stop token acts as its EOS).
+    stops = [[o.outputs[0].token_ids[n - 1]] for o, n in zip(plain, lengths)]
+    params = [SamplingParams(temperature=0, max_tokens=30, stop_token_ids=s, logprobs=2) for s in stops]
+    expected = tiny_engine.generate(prompts, params, use_tqdm=False)
+    ended = [len(o.outputs[0].token_ids) for o in expected]
+    assert len(set(ended)) > 3 and all(o.outputs[0].finish_reason == "stop" for o in expected)
+    for strategy in (StaticBatching(batch_size=4, padded=True),
+                     SequenceScheduling(KnownLengthPredictor({tuple(p): n for p, n in zip(prompts, ended)}),
+                                        bin_width=8, fcr=True, vbs=False, batch_size=3, padded=True)):
+        outputs = tiny_engine.generate(prompts, params, use_tqdm=False, batching=strategy)
+        for got, want in zip(outputs, expected):
+            a, b = got.outputs[0], want.outputs[0]
+            assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason,
+                                                                              b.stop_reason)
+            assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob)
+            assert len(a.logprobs) == len(b.logprobs)
+        # Padding was decoded: every member of a batch ran as long as its longest member.
+        assert strategy.stats.generated_tokens >= strategy.stats.padded_tokens - len(prompts)
+        assert strategy.stats.useful_tokens == sum(ended) < strategy.stats.generated_tokens
+    static = StaticBatching(batch_size=4, padded=True)
+    tiny_engine.generate(prompts, params, use_tqdm=False, batching=static)
+    assert static.stats.padded_tokens == sum(len(chunk) * max(chunk) for chunk in (ended[:4], ended[4:8], ended[8:]))

@@ -6,6 +6,10 @@ sorting and binning by predicted length, + FCR, + VBS, all together, all togethe
 oracle), and continuous batching with length-aware ordering (shortest predicted first). Figures: samples/s,
 output tokens/s, average padded length, share of useful tokens, share of queries recomputed, each row's
 speedup over vanilla static batching, and whether its answers equal continuous batching's.
+
+With `padded`, static batches (every row but the continuous ones) decode as Hugging Face generate does, the
+paper's setting: each member keeps decoding until the batch's last member ends. Without, a finished member
+leaves its batch at once (its seat stays empty until the batch ends).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class SeqschedBenchArgs:
     predictor: str = "probe"
     predictor_options: dict | None = None  # None: SequenceScheduling's defaults (the probe's 0.9 quantile)
     rows: list[str] = field(default_factory=lambda: list(ROWS))
+    padded: bool = False  # static batches decode padding until their last member ends, as in the paper
     output_json: str | None = None
 
 
@@ -70,17 +75,18 @@ def run(make_llm: Callable[[str], LLM], args: SeqschedBenchArgs) -> dict:
         if name in ("continuous", "continuous_sjf"):
             return ContinuousBatching()
         if name == "static":
-            return StaticBatching()
+            return StaticBatching(padded=args.padded)
         lengths = predictor
         if name == "seqsched_oracle":
             lengths = KnownLengthPredictor({tuple(p): max(len(t), 1) for p, t in zip(prompts, reference)})
         fcr = name in ("sort_bin_fcr", "seqsched", "seqsched_oracle")
         vbs = name in ("sort_bin_vbs", "seqsched", "seqsched_oracle")
-        return SequenceScheduling(lengths, args.group_size, args.bin_width, fcr=fcr, vbs=vbs)
+        return SequenceScheduling(lengths, args.group_size, args.bin_width, fcr=fcr, vbs=vbs, padded=args.padded)
 
     report = {"model": llm.engine.config.model, "num_prompts": len(prompts), "skip_prompts": args.skip_prompts,
               "max_tokens": args.max_tokens, "group_size": args.group_size, "bin_width": args.bin_width,
-              "predictor": args.predictor, "predictor_options": options, "threads": torch.get_num_threads(),
+              "predictor": args.predictor, "predictor_options": options, "padded": args.padded,
+              "threads": torch.get_num_threads(),
               "kv_cache_tokens": llm.engine.block_manager.num_blocks * llm.engine.block_manager.block_size,
               "max_num_seqs": llm.engine.config.scheduler.max_num_seqs,
               "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts), "rows": {}}
@@ -124,7 +130,8 @@ def format_table(report: dict) -> str:
     header = (f"{'schedule':<38}{'req/s':>9}{'tok/s':>9}{'padded':>9}{'useful':>9}{'recomp':>9}"
               f"{'vs static':>10}{'same':>7}")
     base = report["rows"].get("static")
-    lines = [f"{report['num_prompts']} prompts, up to {report['max_tokens']} new tokens, groups of "
+    lines = [f"{'padded' if report['padded'] else 'unpadded'} static batches, "
+             f"{report['num_prompts']} prompts, up to {report['max_tokens']} new tokens, groups of "
              f"{report['group_size']}, bins of {report['bin_width']} tokens, predictor {report['predictor']}, "
              f"KV cache {report['kv_cache_tokens']} tokens", header]
     lines += [_format_row(name, row, base) for name, row in report["rows"].items()]

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar
 
+from foreseer.engine.detokenizer import IncrementalDetokenizer
 from foreseer.outputs import RequestOutput
 from foreseer.sampling_params import SamplingParams
 
@@ -102,25 +103,50 @@ class BatchingStrategy(ABC):
     @abstractmethod
     def _run(self, llm: LLM, jobs: list[Job], on_output: OnOutput) -> None: ...
 
-    def _run_batch(self, llm: LLM, jobs: Sequence[Job],
-                   limits: Sequence[int] | None = None) -> Iterator[tuple[Job, int, RequestOutput]]:
+    def _run_batch(self, llm: LLM, jobs: Sequence[Job], limits: Sequence[int] | None = None,
+                   padded: bool = False) -> Iterator[tuple[Job, int, RequestOutput]]:
         """Run jobs together until the last finishes, each with its own generation limit (default: its
-        max_tokens); yields (job, limit, output) as each finishes."""
+        max_tokens); yields (job, limit, output) as each finishes.
+
+        `padded` reproduces padded static batching (Hugging Face generate, the paper's baseline): every member
+        keeps decoding past its end, as a padded row does, until all members have ended; the outputs are then
+        cut at each member's end, which leaves them exactly what an unpadded run generates.
+        """
         engine = llm.engine
         limits = [job.max_tokens for job in jobs] if limits is None else limits
         by_id = {}
         for job, limit in zip(jobs, limits):
-            engine.add_request(job.request_id, job.prompt, replace(job.params, max_tokens=limit),
-                               priority=job.priority, lora_request=job.lora_request)
+            params = replace(job.params, max_tokens=limit)
+            if padded:  # stop tokens end nothing: the member's end is found in its output (_ended)
+                params = replace(params, ignore_eos=True, stop_token_ids=[])
+            engine.add_request(job.request_id, job.prompt, params, priority=job.priority,
+                               lora_request=job.lora_request)
             by_id[job.request_id] = (job, limit)
+        pending = dict(by_id)  # padded: members whose output still lacks its end
+        finished: dict[str, RequestOutput] = {}
         longest = 0
         while engine.has_unfinished_requests():
             for output in engine.step():
+                job, limit = by_id[output.request_id]
+                if padded and output.request_id in pending and _ended(engine, job, output):
+                    del pending[output.request_id]
                 if output.finished:
+                    finished[output.request_id] = output
                     lengths = [len(c.token_ids) for c in output.outputs]
                     self.stats.generated_tokens += sum(lengths)
                     longest = max(longest, *lengths)
-                    yield (*by_id[output.request_id], output)
+                    if not padded:
+                        yield job, limit, output
+            if padded and not pending:  # every member has ended: the padded rows stop with the batch
+                for request_id in [r for r in by_id if r not in finished]:
+                    output = engine.abort_request(request_id)
+                    finished[request_id] = output
+                    lengths = [len(c.token_ids) for c in output.outputs]
+                    self.stats.generated_tokens += sum(lengths)
+                    longest = max(longest, *lengths)
+        if padded:
+            for request_id, (job, limit) in by_id.items():
+                yield job, limit, _cut_at_end(engine, job, finished[request_id])
         self.stats.batch_sizes.append(len(jobs))
         self.stats.batch_limits.append(max(limits))
         self.stats.padded_tokens += len(jobs) * longest
@@ -128,6 +154,50 @@ class BatchingStrategy(ABC):
     def _emit(self, output: RequestOutput, on_output: OnOutput) -> None:
         self.stats.useful_tokens += sum(len(c.token_ids) for c in output.outputs)
         on_output(output)
+
+
+def _stop_tokens(engine, job: Job) -> set[int]:
+    return set(job.params.stop_token_ids) | (set() if job.params.ignore_eos else engine.eos_token_ids)
+
+
+def _end_index(tokens: list[int], stops: set[int]) -> int | None:
+    return next((i for i, token in enumerate(tokens) if token in stops), None)
+
+
+def _ended(engine, job: Job, output: RequestOutput) -> bool:
+    """Whether every sequence of a padded member has reached its own end (a stop token, a stop string, or
+    its limit)."""
+    stops = _stop_tokens(engine, job)
+    return output.finished or all(c.finish_reason is not None or _end_index(c.token_ids, stops) is not None
+                                  for c in output.outputs)
+
+
+def _cut_at_end(engine, job: Job, output: RequestOutput) -> RequestOutput:
+    """A padded member's output as an unpadded run ends it: cut after its first stop token, with the text,
+    logprobs and finish reason that run gives."""
+    stops = _stop_tokens(engine, job)
+    completions = []
+    for completion in output.outputs:
+        end = _end_index(completion.token_ids, stops)
+        if end is None:  # it ended by a stop string or its limit, as an unpadded run ends it
+            completions.append(replace(completion, finish_reason=completion.finish_reason or "length"))
+            continue
+        tokens = completion.token_ids[:end + 1]
+        detokenizer = IncrementalDetokenizer(engine.tokenizer, output.prompt_token_ids,
+                                             job.params.skip_special_tokens, job.params.stop_strings,
+                                             job.params.include_stop_str_in_output)
+        for token in tokens:
+            detokenizer.update(token)
+        detokenizer.flush()
+        logprobs = completion.logprobs[:end + 1] if completion.logprobs is not None else None
+        cumulative = (sum(entry[token].logprob for entry, token in zip(logprobs, tokens))
+                      if logprobs is not None else None)
+        last = tokens[-1]
+        completions.append(replace(
+            completion, text=detokenizer.visible_text(True), token_ids=tokens, logprobs=logprobs,
+            cumulative_logprob=cumulative, finish_reason="stop",
+            stop_reason=last if last in job.params.stop_token_ids else None))
+    return replace(output, outputs=completions, finished=True)
 
 
 class ContinuousBatching(BatchingStrategy):
@@ -166,16 +236,17 @@ class StaticBatching(BatchingStrategy):
 
     name = "static"
 
-    def __init__(self, batch_size: int | None = None) -> None:
+    def __init__(self, batch_size: int | None = None, padded: bool = False) -> None:
         super().__init__()
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         self.batch_size = batch_size
+        self.padded = padded  # members decode until the batch's last one ends (Hugging Face generate)
 
     def _run(self, llm: LLM, jobs: list[Job], on_output: OnOutput) -> None:
         size = self.batch_size or fixed_batch_size(llm, jobs)
         for start in range(0, len(jobs), size):
-            for _, _, output in self._run_batch(llm, jobs[start:start + size]):
+            for _, _, output in self._run_batch(llm, jobs[start:start + size], padded=self.padded):
                 self._emit(output, on_output)
 
 
@@ -193,7 +264,7 @@ class SequenceScheduling(BatchingStrategy):
     by `bin_width` tokens. Each bin runs in batches; with `fcr`, a batch's generation limit is its bin's upper
     edge and the queries it cuts off are recomputed after the group with their full limit (without, a batch
     runs until its last member finishes); with `vbs`, a batch holds as many queries as the KV cache fits at
-    its limit, else every batch has the static batch size.
+    its limit, else every batch has the static batch size. `padded` runs every batch as padded static batching.
     """
 
     name = "seqsched"
@@ -204,7 +275,7 @@ class SequenceScheduling(BatchingStrategy):
 
     def __init__(self, predictor: str | LengthPredictor = "probe", group_size: int = 256, bin_width: int = 50,
                  fcr: bool = True, vbs: bool = True, batch_size: int | None = None,
-                 predictor_options: dict | None = None) -> None:
+                 predictor_options: dict | None = None, padded: bool = False) -> None:
         super().__init__()
         for name, value in (("group_size", group_size), ("bin_width", bin_width)):
             if value < 1:
@@ -218,6 +289,7 @@ class SequenceScheduling(BatchingStrategy):
         self.fcr = fcr
         self.vbs = vbs
         self.batch_size = batch_size
+        self.padded = padded  # members decode until the batch's last one ends (Hugging Face generate)
 
     def _run(self, llm: LLM, jobs: list[Job], on_output: OnOutput) -> None:
         predictor = self._predictor(llm)
@@ -229,7 +301,7 @@ class SequenceScheduling(BatchingStrategy):
             self.stats.prediction_s += time.perf_counter() - began
             failures = []
             for batch, limits in self._batches(llm, group, predicted, fixed):
-                for job, limit, output in self._run_batch(llm, batch, limits):
+                for job, limit, output in self._run_batch(llm, batch, limits, self.padded):
                     if limit < job.max_tokens and any(c.finish_reason == "length" for c in output.outputs):
                         failures.append(job)
                     else:
@@ -237,7 +309,8 @@ class SequenceScheduling(BatchingStrategy):
             # Failure Collection and Recomputation: the cut-off queries, again from the start, with full limits.
             self.stats.recomputed.extend(job.request_id for job in failures)
             for start_failed in range(0, len(failures), fixed):
-                for _, _, output in self._run_batch(llm, failures[start_failed:start_failed + fixed]):
+                for _, _, output in self._run_batch(llm, failures[start_failed:start_failed + fixed],
+                                                    padded=self.padded):
                     self._emit(output, on_output)
 
     def _predictor(self, llm: LLM) -> LengthPredictor:
