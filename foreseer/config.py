@@ -94,18 +94,31 @@ class SpeculativeConfig:
 
 @dataclass
 class LoRAConfig:
-    """Multi-LoRA serving (vLLM's enable_lora, max_lora_rank, max_loras)."""
+    """Multi-LoRA serving (vLLM's enable_lora, max_lora_rank, max_loras, max_cpu_loras; S-LoRA's unified memory).
+
+    Adapters live in three tiers: `max_loras` slots on the compute device (a batch holds at most that many
+    adapters), a host-memory cache of `max_cpu_loras` loaded adapters, and their directories on disk. Each tier
+    evicts its least recently used adapter that nothing needs (a device slot is kept while a running request
+    uses it)."""
 
     enable_lora: bool = False
     max_lora_rank: int = 16  # adapters of a higher rank are refused
-    # Adapters kept loaded: beyond it, loading another evicts the least recently used one that no unfinished
-    # request uses (while all are in use, more stay loaded).
-    max_loras: int = 4
+    max_loras: int = 4  # device slots: distinct adapters in one batch
+    max_cpu_loras: int | None = None  # adapters kept loaded in host memory; default max(16, max_loras)
+    # "separate": adapter weights beside the KV cache; "unified": a device slot's weights take KV-block-sized
+    # pages from the KV cache's pool while it is loaded (S-LoRA), and idle adapters give them back under KV pressure.
+    lora_memory: str = "separate"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.enable_lora, bool), "enable_lora", "must be True or False")
         for name in ("max_lora_rank", "max_loras"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = max(16, self.max_loras)
+        _check(isinstance(self.max_cpu_loras, int) and self.max_cpu_loras >= self.max_loras, "max_cpu_loras",
+               f"must be an integer >= max_loras ({self.max_loras}), got {self.max_cpu_loras!r}")
+        _check(self.lora_memory in ("separate", "unified"), "lora_memory",
+               f"must be 'separate' or 'unified', got {self.lora_memory!r}")
 
 
 @dataclass

@@ -63,9 +63,11 @@ class LLM:
             order.append(request_id)
             try:
                 token_ids = self.engine.tokenize_prompt(prompt)
-                max_tokens = self.engine.check_lengths(len(token_ids), params)
+                reserved = 0
                 if lora is not None:
                     self.engine.load_lora(lora)
+                    reserved = self.engine.runner.lora.pages(lora.lora_int_id)  # unified memory: its KV pages
+                max_tokens = self.engine.check_lengths(len(token_ids), params, reserved)
             except ValueError as error:
                 logger.warning("request %s rejected: %s", request_id, error)
                 results[request_id] = _rejected(request_id, prompt, str(error))

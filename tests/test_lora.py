@@ -285,8 +285,8 @@ def test_idle_adapters_are_evicted_least_recently_used_first(tiny_llama, adapter
     assert manager.loaded_ids == [x.lora_int_id, y.lora_int_id]
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
-    manager.load(z)  # X is idle now, and least recently used
-    assert manager.loaded_ids == [y.lora_int_id, z.lora_int_id]
+    manager.load(z)  # X is idle now, but ran after Y was loaded: Y, least recently used, goes
+    assert manager.loaded_ids == [x.lora_int_id, z.lora_int_id]
 
 
 # -- errors ---------------------------------------------------------------------------------------------------

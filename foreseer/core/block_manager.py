@@ -1,8 +1,13 @@
-"""Paged KV-cache blocks: reference counts, and prefix caching by chained hashes of full blocks."""
+"""Paged KV-cache blocks: reference counts, and prefix caching by chained hashes of full blocks.
+
+Blocks may also be reserved for other data of the same pool (S-LoRA's unified memory: a loaded LoRA adapter's
+pages): a reserved block is neither free nor a request's until it is given back.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,6 +34,10 @@ class BlockManager:
         # Unreferenced blocks in eviction order; freed blocks keep their hash until reused (lazy eviction).
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # block hash -> block id
+        self.reserved: set[int] = set()  # blocks lent out of the KV pool (see reserve)
+        # Called with the number of blocks missing when an allocation falls short, before it fails: frees what it
+        # can (e.g. idle LoRA adapters' pages) by giving reserved blocks back.
+        self.reclaimer: Callable[[int], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -37,6 +46,31 @@ class BlockManager:
     @property
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
+
+    @property
+    def num_reserved_blocks(self) -> int:
+        return len(self.reserved)
+
+    def reserve(self, num_blocks: int) -> list[int] | None:
+        """Take `num_blocks` free blocks out of the pool for other data (their cached prefixes are forgotten);
+        None, taking nothing, if fewer are free. The reclaimer is not asked: callers free their own first."""
+        if num_blocks > self.num_free_blocks:
+            return None
+        taken = []
+        for _ in range(num_blocks):
+            block_id = next(iter(self.free_blocks))
+            self._take(block_id)
+            self._forget_hash(self.blocks[block_id])
+            self.reserved.add(block_id)
+            taken.append(block_id)
+        return taken
+
+    def unreserve(self, block_ids: list[int]) -> None:
+        """Give reserved blocks back to the pool."""
+        for block_id in block_ids:
+            self.reserved.remove(block_id)
+            self.blocks[block_id].ref_count = 0
+            self.free_blocks[block_id] = None
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -59,6 +93,8 @@ class BlockManager:
         num_computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
         needed = self.blocks_needed(num_computed + num_new_tokens) - len(request.block_table) - len(cached_blocks)
         revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
+        if needed + revived > self.num_free_blocks and self.reclaimer is not None:
+            self.reclaimer(needed + revived - self.num_free_blocks)
         if needed + revived > self.num_free_blocks:
             return False
         for block_id in cached_blocks:
@@ -67,10 +103,7 @@ class BlockManager:
         for _ in range(max(needed, 0)):
             block_id = next(iter(self.free_blocks))
             self._take(block_id)
-            block = self.blocks[block_id]
-            if block.hash is not None:
-                del self.cached[block.hash]
-                block.hash, block.token_ids = None, ()
+            self._forget_hash(self.blocks[block_id])
             request.block_table.append(block_id)
         return True
 
@@ -88,7 +121,7 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block, so that nothing computed before is reused; needs no block in use."""
-        if self.num_free_blocks != self.num_blocks:
+        if self.num_free_blocks + self.num_reserved_blocks != self.num_blocks:
             raise ValueError("the prefix cache can only be reset while no request holds KV blocks")
         for block in self.blocks:
             block.hash, block.token_ids = None, ()
@@ -115,6 +148,11 @@ class BlockManager:
         if block.ref_count == 0:
             del self.free_blocks[block_id]
         block.ref_count += 1
+
+    def _forget_hash(self, block: Block) -> None:
+        if block.hash is not None:
+            del self.cached[block.hash]
+            block.hash, block.token_ids = None, ()
 
     def _block_tokens(self, request: Request, index: int) -> tuple[int, ...]:
         return tuple(request.token_ids[index * self.block_size:(index + 1) * self.block_size])

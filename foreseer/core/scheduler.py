@@ -6,6 +6,10 @@ request takes the seat of the worst running one, which is paused: PREEMPTED but 
 resumes without recompute. When blocks run out, paused requests give theirs up first (the worst ranked first;
 they recompute later), then the policy's last running request is preempted: its blocks are freed and it is
 recomputed later (its cached prefix blocks usually survive and are reused).
+
+Resources beside seats, tokens and blocks (LoRA adapter slots) are an AdmissionGate's: it claims what a waiting
+request needs before the request starts, may pass it over for this step (later requests may still start), and
+is told when a request stops running.
 """
 
 from __future__ import annotations
@@ -21,12 +25,37 @@ from foreseer.engine.request import Request, RequestStatus
 from foreseer.spec.tree import DraftTree
 
 
+class AdmissionError(Exception):
+    """A waiting request can never start (e.g. its LoRA adapter can no longer be read): it fails."""
+
+
+class AdmissionGate:
+    """Admission by a resource the policy does not rank by; this one admits every request."""
+
+    def on_schedule(self, waiting: list[Request], running: list[Request], now: float) -> None:
+        """The start of a step; `waiting` is in the policy's order."""
+
+    def admit(self, request: Request) -> bool:
+        """Claim what the request needs to run, just before it starts or resumes; False passes it over for this
+        step. Raises AdmissionError if it can never run."""
+        return True
+
+    def release(self, request: Request) -> None:
+        """The request stopped running (preempted, paused, finished or aborted): its claim ends."""
+
+    def may_admit(self, request: Request) -> bool:
+        """A guess, changing nothing, at whether `admit` would let the waiting request start next step."""
+        return True
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: SchedulingPolicy,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, gate: AdmissionGate | None = None) -> None:
         self.config = config
         self.block_manager = block_manager
         self.policy = policy
+        self.gate = gate or AdmissionGate()
+        self.failed: list[tuple[Request, str]] = []  # finished with an AdmissionError, until take_failed
         self.clock = clock  # what the policies' waits and the request metrics are measured with
         self.now = clock()  # the time of the step being scheduled
         self.waiting: list[Request] = []  # new, preempted and paused requests
@@ -39,7 +68,9 @@ class Scheduler:
     def speculation_candidates(self) -> tuple[list[Request], int]:
         """Running requests that decode next step, and about how many prefill tokens it computes beside them."""
         decoding = [r for r in self.running if r.num_computed_tokens >= r.num_tokens - 1]
-        pending = sum(r.num_tokens - r.num_computed_tokens for r in self.running + self.waiting) - len(decoding)
+        # Waiting requests the gate will pass over (e.g. their adapter has no slot) add no tokens to the step.
+        startable = [r for r in self.waiting if self.gate.may_admit(r)]
+        pending = sum(r.num_tokens - r.num_computed_tokens for r in self.running + startable) - len(decoding)
         return decoding, min(pending, max(self.config.max_num_batched_tokens - len(decoding), 0))
 
     def add_request(self, request: Request) -> None:
@@ -52,6 +83,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self.now = self.clock()
         self.policy.on_schedule(self.waiting, self.now)
+        self.waiting.sort(key=self._key)
+        self.gate.on_schedule(self.waiting, self.running, self.now)
         self.running.sort(key=self._key)
         if self.policy.preemptive:
             self._pause_for_waiting()
@@ -87,6 +120,8 @@ class Scheduler:
         """Each waiting request ranked before the worst running one takes its seat, once all seats are taken."""
         seats = self.config.max_num_seqs - len(self.running)
         for request in sorted(self.waiting, key=self._key):
+            if not self.gate.may_admit(request):  # it would not start: pausing a request for it gains nothing
+                continue
             if seats > 0:
                 seats -= 1
             elif self.running and self._key(request) < self._key(self.running[-1]):
@@ -96,17 +131,25 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         self.waiting.sort(key=self._key)
-        admitted = 0
+        admitted: list[Request] = []
+        failed: list[tuple[Request, str]] = []
         for request in self.waiting:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if not self.policy.can_admit(request, self.running, self.block_manager):
                 break
+            try:
+                if not self.gate.admit(request):  # e.g. its adapter gets no slot this step: later ones may start
+                    continue
+            except AdmissionError as error:
+                failed.append((request, str(error)))
+                continue
             # A paused request resumes where it stopped; others start after their cached prefix.
             cached = [] if request.block_table else self.block_manager.find_cached_prefix(request)
             start = request.num_computed_tokens + len(cached) * self.block_manager.block_size
             num_new = min(request.num_tokens - start, budget)
             if not self._allocate(request, num_new, cached):
+                self.gate.release(request)
                 break
             request.num_computed_tokens = start
             if request.metrics.first_scheduled_time is None:
@@ -116,8 +159,18 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
-            admitted += 1
-        del self.waiting[:admitted]
+            admitted.append(request)
+        if admitted:
+            started = {id(r) for r in admitted}
+            self.waiting[:] = [r for r in self.waiting if id(r) not in started]
+        for request, message in failed:
+            self.finish_request(request, "error")
+            self.failed.append((request, message))
+
+    def take_failed(self) -> list[tuple[Request, str]]:
+        """Requests finished because they could never start, with why, since the last call."""
+        failed, self.failed = self.failed, []
+        return failed
 
     def _allocate(self, request: Request, num_new: int, cached: list[int] = ()) -> bool:
         """Blocks for the request's next tokens, taken from paused requests if none are free."""
@@ -141,6 +194,7 @@ class Scheduler:
             self.block_manager.free(request)
             request.num_computed_tokens = 0
         self.running.remove(request)
+        self.gate.release(request)
         request.draft = DraftTree()
         request.status = RequestStatus.PREEMPTED
         request.metrics.num_preemptions += 1
@@ -186,6 +240,7 @@ class Scheduler:
             return
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
+            self.gate.release(request)
         else:
             self.waiting.remove(request)
         self.block_manager.free(request)

@@ -15,14 +15,18 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from foreseer.engine.engine import LLMEngine
+from foreseer.lora import LoRARequest
+from foreseer.lora.manager import LoRAStats
 from foreseer.outputs import RequestOutput, SpeculationFigures
 from foreseer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+T = TypeVar("T")
 
 
 class EngineOverloadedError(Exception):
@@ -43,6 +47,7 @@ class EngineStats:
     prompt_tokens: int = 0  # total, counted when a request's prefill completes
     generation_tokens: int = 0  # total generated
     speculation: SpeculationFigures | None = None  # a copy of the engine's, when it speculates
+    lora: LoRAStats | None = None  # the adapter tiers, when LoRA is enabled
 
 
 class RequestGroup:
@@ -107,11 +112,21 @@ class _Add:
     params: SamplingParams
     arrival_time: float
     num_sequences: int
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Call:
+    """Run a function with the engine on its thread, between steps; its result or error goes to `future`."""
+
+    function: Callable[[LLMEngine], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
 
 
 class _Stop:
@@ -134,7 +149,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.stats = EngineStats()
-        self._commands: queue.Queue[_Add | _Abort | _Stop] = queue.Queue()
+        self._commands: queue.Queue[_Add | _Abort | _Call | _Stop] = queue.Queue()
         # Guards admission: whether requests are accepted, and how many sequences are queued but not yet added.
         self._lock = threading.Lock()
         self._accepting = False
@@ -169,8 +184,10 @@ class AsyncLLMEngine:
         self._commands.put(_Stop())
         await asyncio.to_thread(self._thread.join)
 
-    async def add_requests(self, request_id: str, prompts: list[Prompt], params: SamplingParams) -> RequestGroup:
-        """Queue one request per prompt, all or none; returns once the engine accepted them.
+    async def add_requests(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
+                           lora_request: LoRARequest | None = None) -> RequestGroup:
+        """Queue one request per prompt (with the LoRA adapter, if any), all or none; returns once the engine
+        accepted them.
 
         Raises ValueError (the input cannot be served), EngineOverloadedError or EngineNotRunningError.
         """
@@ -189,13 +206,24 @@ class AsyncLLMEngine:
                 raise EngineOverloadedError(f"the server is overloaded: its queue of {self.max_waiting_requests} "
                                             "waiting sequences is full; retry later")
             self._num_queued += num_sequences
-            self._commands.put(_Add(group, list(prompts), params, time.time(), num_sequences))
+            self._commands.put(_Add(group, list(prompts), params, time.time(), num_sequences, lora_request))
         try:
             await group._accepted
         except asyncio.CancelledError:
             group.close()
             raise
         return group
+
+    async def call(self, function: Callable[[LLMEngine], T]) -> T:
+        """Run `function(engine)` on the engine thread between steps (commands run in the order they were
+        sent); its exception is raised here. EngineNotRunningError if the engine is not running."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if not self._accepting:
+                raise EngineNotRunningError("the engine is not running (shutting down or failed)")
+            self._commands.put(_Call(function, loop, future))
+        return await future
 
     def _request_abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
@@ -218,6 +246,8 @@ class AsyncLLMEngine:
                     self._add(command)
                 elif isinstance(command, _Abort):
                     self._abort(command.request_id)
+                elif isinstance(command, _Call):
+                    self._run_call(command)
                 else:
                     stop = True
             self._publish_stats(sum(c.num_sequences for c in commands if isinstance(c, _Add)))
@@ -228,7 +258,7 @@ class AsyncLLMEngine:
                 self._deliver(self.engine.step())
                 self._publish_stats(0)
 
-    def _take_commands(self, block: bool) -> list[_Add | _Abort | _Stop]:
+    def _take_commands(self, block: bool) -> list[_Add | _Abort | _Call | _Stop]:
         commands = [self._commands.get()] if block else []
         while True:
             try:
@@ -241,7 +271,8 @@ class AsyncLLMEngine:
         added: list[str] = []
         try:
             for request_id, prompt in zip(group.request_ids, command.prompts):
-                self.engine.add_request(request_id, prompt, command.params, arrival_time=command.arrival_time)
+                self.engine.add_request(request_id, prompt, command.params, arrival_time=command.arrival_time,
+                                        lora_request=command.lora_request)
                 added.append(request_id)
         except Exception as error:  # a request that cannot be served must never stop this thread
             for request_id in added:
@@ -253,6 +284,13 @@ class AsyncLLMEngine:
         for index, request_id in enumerate(added):
             self._entries[request_id] = _Entry(group, index)
         self._call(group, group._resolve, None)
+
+    def _run_call(self, command: _Call) -> None:
+        try:
+            result, error = command.function(self.engine), None
+        except Exception as exc:  # the caller's problem (e.g. a bad adapter), never this thread's
+            result, error = None, exc
+        self._call_soon(command.loop, _settle, command.future, result, error)
 
     def _abort(self, request_id: str) -> None:
         entry = self._entries.pop(request_id, None)
@@ -288,7 +326,8 @@ class AsyncLLMEngine:
         scheduler = self.engine.scheduler
         spec = self.engine.spec_stats
         stats = EngineStats(len(scheduler.running), len(scheduler.waiting), self.engine.block_manager.usage,
-                            self._prompt_tokens, self._generation_tokens, None if spec is None else copy.deepcopy(spec))
+                            self._prompt_tokens, self._generation_tokens, None if spec is None else copy.deepcopy(spec),
+                            self.engine.lora_stats())
         # Together, so that admission never sees the added sequences in neither count.
         with self._lock:
             self._num_queued -= num_added
@@ -304,6 +343,8 @@ class AsyncLLMEngine:
         for command in self._take_commands(block=False):
             if isinstance(command, _Add):
                 self._call(command.group, command.group._resolve, error)
+            elif isinstance(command, _Call):
+                self._call_soon(command.loop, _settle, command.future, None, error)
         try:
             for request_id in entries:
                 output = self.engine.abort_request(request_id)
@@ -322,6 +363,15 @@ class AsyncLLMEngine:
             loop.call_soon_threadsafe(function, *args)
         except RuntimeError:  # the caller's event loop is closed: nobody is waiting any more
             pass
+
+
+def _settle(future: asyncio.Future, result: Any, error: Exception | None) -> None:
+    if future.done():  # the caller gave up waiting
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
 def _deliver_all(items: list[tuple[RequestGroup, int, RequestOutput]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from foreseer.engine.request import Request
 from foreseer.lengths.features import prompt_hidden_states
 from foreseer.lengths.probe import ProbeHead, default_probe_dir
 from foreseer.lora import LoRAAdapter, LoRAManager, LoRARequest
+from foreseer.lora.admission import LoRAAdmission
+from foreseer.lora.manager import LoRAStats
 from foreseer.models.loader import load_model_config, load_tokenizer, resolve_model
 from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpeculationFigures
 from foreseer.sampling_params import SamplingParams
@@ -41,6 +44,7 @@ class _ParentRequest:
     sequences: list[_Sequence]
     predicted_length: int | None = None
     lora_request: LoRARequest | None = None
+    error: str | None = None  # why the scheduler gave up on it (e.g. its adapter could no longer be read)
 
     def output(self) -> RequestOutput:
         requests = [s.request for s in self.sequences]
@@ -70,7 +74,7 @@ class _ParentRequest:
         for request in requests:
             metrics.absorb(request.metrics)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions, finished, metrics,
-                             predicted_length=self.predicted_length)
+                             error=self.error, predicted_length=self.predicted_length)
 
 
 class LLMEngine:
@@ -92,7 +96,11 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.policy)
+        gate = None
+        if self.runner.lora is not None:  # LoRA adapters: admission within the device slots
+            self.runner.lora.bind_block_manager(self.block_manager)
+            gate = LoRAAdmission(self.runner.lora, config.scheduler.max_wait_s)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.policy, gate=gate)
         self.speculator = self._make_speculator()
         self.length_probe = None
         if probe_dir is not None:
@@ -146,9 +154,11 @@ class LLMEngine:
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenize_prompt(prompt)
-        max_tokens = self.check_lengths(len(token_ids), params)
+        # With unified memory, the adapter's pages come out of the same KV pool as the request's blocks.
+        pages = 0 if lora_request is None else self._lora_manager(lora_request).validate(lora_request)
+        max_tokens = self.check_lengths(len(token_ids), params, reserved_blocks=pages)
         if lora_request is not None:  # last: a request refused before holds no adapter
-            self._lora_manager(lora_request).acquire(lora_request)
+            self.runner.lora.add_user(lora_request)
         sequences = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
@@ -167,8 +177,24 @@ class LLMEngine:
             self.scheduler.add_request(seq.request)
 
     def load_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
-        """Load an adapter ahead of its requests; ValueError if LoRA is off or the adapter cannot serve this model."""
-        return self._lora_manager(lora_request).load(lora_request)
+        """Read an adapter into the host cache ahead of its requests (validating it); ValueError if LoRA is off
+        or the adapter cannot serve this model."""
+        return self._lora_manager(lora_request).load_to_host(lora_request)
+
+    def fetch_lora(self, lora_request: LoRARequest) -> Future:
+        """Read an adapter into the host cache in the background (it joins the cache at the next step or
+        load_lora); the future gives the adapter or raises ValueError naming the problem."""
+        return self._lora_manager(lora_request).fetch(lora_request)
+
+    def unload_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter in every tier; False if it was not loaded. LoRAInUseError while unfinished requests
+        use it (they keep it: finish or abort them first)."""
+        if self.runner.lora is None:
+            raise ValueError("LoRA is not enabled: the engine was started without enable_lora=True")
+        return self.runner.lora.unload(lora_int_id)
+
+    def lora_stats(self) -> LoRAStats | None:
+        return None if self.runner.lora is None else self.runner.lora.stats()
 
     def _lora_manager(self, lora_request: LoRARequest) -> LoRAManager:
         if self.runner.lora is None:
@@ -180,7 +206,9 @@ class LLMEngine:
         if parent.lora_request is not None:
             self.runner.lora.release(parent.lora_request.lora_int_id)
 
-    def check_lengths(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+    def check_lengths(self, num_prompt_tokens: int, params: SamplingParams, reserved_blocks: int = 0) -> int:
+        """The request's max_tokens resolved against the context; ValueError if it cannot fit. `reserved_blocks`:
+        KV blocks something else holds while it runs (its LoRA adapter's pages, with unified memory)."""
         if num_prompt_tokens == 0:
             raise ValueError("prompt is empty")
         if num_prompt_tokens >= self.max_model_len:
@@ -195,11 +223,12 @@ class LLMEngine:
                 f"max_tokens {max_tokens} plus the prompt's {num_prompt_tokens} tokens exceeds the model's context "
                 f"of {self.max_model_len} tokens"
             )
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        capacity = (self.block_manager.num_blocks - reserved_blocks) * self.block_manager.block_size
         if num_prompt_tokens + max_tokens > capacity:
+            beside = f" beside its LoRA adapter's {reserved_blocks} blocks" if reserved_blocks else ""
             raise ValueError(
                 f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the KV cache's "
-                f"{capacity} tokens; give a larger kv_cache_gib or a smaller max_tokens"
+                f"{capacity} tokens{beside}; give a larger kv_cache_gib or a smaller max_tokens"
             )
         return max_tokens
 
@@ -224,17 +253,17 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.propose(*self.scheduler.speculation_candidates())
         sched = self.scheduler.schedule()
+        touched = self._take_failed()
         if sched.is_empty:
-            if self.scheduler.num_unfinished:
+            if self.scheduler.num_unfinished and not touched:
                 raise RuntimeError("no request could be scheduled although some are unfinished")
-            return []
+            return self._outputs(touched.values())
         result = self.runner.execute(sched)
         if result.hidden_states:
             if self.speculator is not None and self.speculator.proposer.needs_hidden_states:
                 self.speculator.observe(result.hidden_states)
             if self.length_probe is not None:
                 self._predict_lengths(result.hidden_states)
-        touched: dict[str, _ParentRequest] = {}
         for update in self.scheduler.update_from_output(sched, result):
             request = update.request
             if update.num_drafted:
@@ -242,8 +271,22 @@ class LLMEngine:
             parent, seq = self._sequences[request.request_id]
             self._detokenize(request, seq, update.new_token_ids)
             touched[parent.request_id] = parent
+        return self._outputs(touched.values())
+
+    def _take_failed(self) -> dict[str, _ParentRequest]:
+        """Parents of the requests the scheduler gave up on this step (finished with finish_reason "error")."""
+        touched: dict[str, _ParentRequest] = {}
+        for request, message in self.scheduler.take_failed():
+            parent, _ = self._sequences[request.request_id]
+            logger.warning("request %s failed: %s", parent.request_id, message)
+            parent.error = parent.error or message
+            touched[parent.request_id] = parent
+        return touched
+
+    def _outputs(self, parents) -> list[RequestOutput]:
+        """The outputs of parents that advanced; finished ones are forgotten and release their adapter."""
         outputs = []
-        for parent in touched.values():
+        for parent in parents:
             output = parent.output()
             if output.finished:
                 del self.parents[parent.request_id]

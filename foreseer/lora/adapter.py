@@ -126,8 +126,13 @@ def _read_config(path: str) -> dict:
     config_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"LoRA adapter {path!r} has no adapter_config.json")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"LoRA adapter {path!r}: adapter_config.json could not be read ({error})") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"LoRA adapter {path!r}: adapter_config.json is not a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"LoRA adapter {path!r} is a {config['peft_type']} adapter, not LORA")
     for key, what in UNSUPPORTED_OPTIONS.items():
@@ -148,6 +153,16 @@ def _read_config(path: str) -> dict:
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return _read_tensor_file(path)
+    except ValueError:
+        raise
+    except Exception as error:  # a truncated or corrupt file: an unusable adapter, never an engine failure
+        raise ValueError(f"LoRA adapter {path!r}: its weights could not be read ({type(error).__name__}: "
+                         f"{error})") from error
+
+
+def _read_tensor_file(path: str) -> dict[str, torch.Tensor]:
     safetensors_path = os.path.join(path, "adapter_model.safetensors")
     if os.path.isfile(safetensors_path):
         from safetensors.torch import load_file

@@ -1,18 +1,25 @@
-"""The OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+"""The OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, and
+vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter.
 
 Every request that cannot be served gets a 4xx with OpenAI's error body `{"error": {message, type, param,
 code}}`; a full waiting queue gets a 503 with Retry-After. A client that goes away has its requests aborted.
+
+LoRA adapters (with --enable-lora) are served by name: the `model` field names the base model (its served name)
+or an adapter given at start-up (--lora-modules) or loaded since. /v1/models lists the adapters with their
+`parent`. Unloading an adapter that unfinished requests use is refused with 409 (they keep it); finish or abort
+them first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -27,6 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from foreseer.engine.async_engine import AsyncLLMEngine, EngineNotRunningError, EngineOverloadedError, RequestGroup
+from foreseer.lora import LoRARequest
+from foreseer.lora.manager import LoRAInUseError
 from foreseer.outputs import CompletionOutput, Logprob, RequestOutput
 from foreseer.sampling_params import SamplingParams
 from foreseer.server.metrics import ResponseCounter, ServerMetrics
@@ -46,14 +55,17 @@ from foreseer.server.protocol import (
     CompletionResponse,
     ErrorInfo,
     ErrorResponse,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TopLogprob,
+    UnloadLoRAAdapterRequest,
     UsageInfo,
 )
 
 RETRY_AFTER_S = 1
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
+             "/v1/unload_lora_adapter", "/health", "/metrics")
 
 
 class APIError(Exception):
@@ -70,9 +82,13 @@ class APIError(Exception):
         return JSONResponse(self.body.model_dump(), status_code=self.status, headers=self.headers)
 
 
-def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None) -> FastAPI:
-    """The app owns the engine loop: it starts with the app and stops after the last connection closed."""
-    server = _Server(engine, served_model_name or engine.engine.config.model)
+def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
+               lora_modules: Mapping[str, str] | None = None) -> FastAPI:
+    """The app owns the engine loop: it starts with the app and stops after the last connection closed.
+
+    `lora_modules` (adapter name -> directory) are read and checked here, before the engine starts: a bad one
+    raises ValueError naming it."""
+    server = _Server(engine, served_model_name or engine.engine.config.model, lora_modules or {})
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -84,6 +100,8 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api
     app.post("/v1/completions", response_model=None)(server.completions)
     app.post("/v1/chat/completions", response_model=None)(server.chat_completions)
     app.get("/v1/models")(server.models)
+    app.post("/v1/load_lora_adapter", response_model=None)(server.load_lora_adapter)
+    app.post("/v1/unload_lora_adapter", response_model=None)(server.unload_lora_adapter)
     app.get("/health")(server.health)
     app.get("/metrics")(server.metrics_text)
     app.add_exception_handler(APIError, _api_error)
@@ -109,7 +127,7 @@ class _ChoiceProgress:
 
 
 class _Server:
-    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, lora_modules: Mapping[str, str]) -> None:
         self.engine = engine
         self.model_name = model_name
         self.created = int(time.time())
@@ -117,13 +135,25 @@ class _Server:
         self.tokenizer = copy.deepcopy(engine.engine.tokenizer)
         self._token_texts: dict[int, str] = {}
         self.metrics = ServerMetrics(engine, ENDPOINTS)
+        self.loras: dict[str, LoRARequest] = {}  # served adapters by name
+        self._lora_ids = itertools.count(1)  # never reused: an id names one directory for the server's life
+        self._lora_busy: set[str] = set()  # names being loaded or unloaded
+        self.lora_enabled = engine.engine.config.lora.enable_lora
+        if lora_modules and not self.lora_enabled:
+            raise ValueError("LoRA modules were given, but LoRA is not enabled (--enable-lora)")
+        for name, path in lora_modules.items():
+            if name == model_name:
+                raise ValueError(f"LoRA module name {name!r} is the base model's served name; choose another")
+            lora_request = LoRARequest(name, next(self._lora_ids), path)
+            engine.engine.load_lora(lora_request)  # before the engine thread starts: reads and checks it
+            self.loras[name] = lora_request
 
     # -- endpoints ------------------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, raw: Request) -> Response:
-        self._check_request(body)
+        lora_request = self._check_request(body)
         params = self._sampling_params(body, body.max_tokens, body.logprobs, {})
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        group = await self._submit(request_id, body.prompts(), params, "prompt", "max_tokens")
+        group = await self._submit(request_id, body.prompts(), params, "prompt", "max_tokens", lora_request)
         created = int(time.time())
         if body.stream:
             return _event_stream(self._completion_events(group, body, request_id, created), group)
@@ -137,11 +167,11 @@ class _Server:
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)
             for prompt_index, output in sorted(outputs.items()) for c in output.outputs
         ]
-        return _json(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
+        return _json(CompletionResponse(id=request_id, created=created, model=body.model, choices=choices,
                                         usage=_usage(outputs.values())))
 
     async def chat_completions(self, body: ChatCompletionRequest, raw: Request) -> Response:
-        self._check_request(body)
+        lora_request = self._check_request(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
         num_top = (body.top_logprobs or 0) if body.logprobs else None
@@ -153,7 +183,7 @@ class _Server:
                                        {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"})
         prompt = self._render_chat(body)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        group = await self._submit(request_id, [prompt], params, "messages", max_tokens_param)
+        group = await self._submit(request_id, [prompt], params, "messages", max_tokens_param, lora_request)
         created = int(time.time())
         if body.stream:
             return _event_stream(self._chat_events(group, body, request_id, created, num_top), group)
@@ -167,12 +197,73 @@ class _Server:
                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)
             for c in output.outputs
         ]
-        return _json(ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
+        return _json(ChatCompletionResponse(id=request_id, created=created, model=body.model, choices=choices,
                                             usage=_usage([output])))
 
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, created=self.created, root=self.engine.engine.config.model,
-                                         max_model_len=self.engine.engine.max_model_len)])
+        max_model_len = self.engine.engine.max_model_len
+        base = ModelCard(id=self.model_name, created=self.created, root=self.engine.engine.config.model,
+                         max_model_len=max_model_len)
+        adapters = [ModelCard(id=name, created=self.created, root=lora.lora_path, parent=self.model_name,
+                              max_model_len=max_model_len) for name, lora in self.loras.items()]
+        return ModelList(data=[base, *adapters])
+
+    async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> Response:
+        """vLLM's: read and check the adapter (in the background: steps go on), then serve it by name."""
+        name = body.lora_name
+        self._check_lora_enabled()
+        if name == self.model_name:
+            raise APIError(400, f"the name {name!r} is the base model's; choose another", "lora_name",
+                           code="invalid_value")
+        if name in self.loras:
+            raise APIError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name",
+                           code="lora_already_loaded")
+        self._claim_lora_name(name)
+        try:
+            lora_request = LoRARequest(name, next(self._lora_ids), body.lora_path)
+            try:
+                future = await self.engine.call(lambda engine: engine.fetch_lora(lora_request))
+                await asyncio.wrap_future(future)
+                await self.engine.call(lambda engine: engine.load_lora(lora_request))  # into the host cache
+            except ValueError as error:
+                raise APIError(400, str(error), "lora_path", code="invalid_lora_adapter") from error
+            self.loras[name] = lora_request
+        finally:
+            self._lora_busy.discard(name)
+        return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+
+    async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest) -> Response:
+        """vLLM's: stop serving the adapter and free it in every tier; 409 while unfinished requests use it."""
+        name = body.lora_name
+        self._check_lora_enabled()
+        if name not in self.loras:
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name", code="lora_not_found")
+        self._claim_lora_name(name)
+        # Unlisted first, so that no request names it while the engine unloads it.
+        lora_request = self.loras.pop(name)
+        try:
+            await self.engine.call(lambda engine: engine.unload_lora(lora_request.lora_int_id))
+        except LoRAInUseError as error:
+            self.loras[name] = lora_request
+            raise APIError(409, f"The lora adapter '{name}' is in use by unfinished requests; finish or abort "
+                           f"them first ({error})", "lora_name", code="lora_in_use") from error
+        except BaseException:
+            self.loras[name] = lora_request
+            raise
+        finally:
+            self._lora_busy.discard(name)
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
+
+    def _check_lora_enabled(self) -> None:
+        if not self.lora_enabled:
+            raise APIError(400, "LoRA is not enabled on this server; start it with --enable-lora",
+                           code="lora_not_enabled")
+
+    def _claim_lora_name(self, name: str) -> None:
+        if name in self._lora_busy:
+            raise APIError(409, f"The lora adapter '{name}' is being loaded or unloaded; retry later", "lora_name",
+                           code="lora_busy")
+        self._lora_busy.add(name)
 
     async def health(self) -> Response:
         if not self.engine.is_running:
@@ -184,14 +275,18 @@ class _Server:
         return Response(content, headers={"Content-Type": content_type})
 
     # -- requests into the engine -----------------------------------------------------------------------
-    def _check_request(self, body: CompletionRequest | ChatCompletionRequest) -> None:
-        if body.model != self.model_name:
-            raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{self.model_name}`",
+    def _check_request(self, body: CompletionRequest | ChatCompletionRequest) -> LoRARequest | None:
+        """The adapter the `model` field names (None: the base model); APIError if the request cannot be served."""
+        lora_request = self.loras.get(body.model)
+        if body.model != self.model_name and lora_request is None:
+            served = ", ".join(f"`{n}`" for n in (self.model_name, *self.loras))
+            raise APIError(404, f"The model `{body.model}` does not exist; this server serves {served}",
                            "model", code="model_not_found")
         unsupported = body.unsupported()
         if unsupported is not None:
             raise APIError(400, f"{unsupported} is not supported by this server", unsupported,
                            code="unsupported_parameter")
+        return lora_request
 
     @staticmethod
     def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
@@ -223,9 +318,10 @@ class _Server:
         return list(encoded["input_ids"])
 
     async def _submit(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams,
-                      prompt_param: str, max_tokens_param: str) -> RequestGroup:
+                      prompt_param: str, max_tokens_param: str,
+                      lora_request: LoRARequest | None = None) -> RequestGroup:
         try:
-            return await self.engine.add_requests(request_id, prompts, params)
+            return await self.engine.add_requests(request_id, prompts, params, lora_request)
         except ValueError as error:  # the engine's own checks: empty prompt, too long, max_tokens beyond context
             message = str(error)
             param = max_tokens_param if "max_tokens" in message else prompt_param
@@ -249,18 +345,18 @@ class _Server:
                 choice = CompletionChoice(index=index, text=c.text[sent.text:], logprobs=logprobs,
                                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                 _advance(sent, c)
-                yield _sse(CompletionResponse(id=request_id, created=created, model=self.model_name,
+                yield _sse(CompletionResponse(id=request_id, created=created, model=body.model,
                                               choices=[choice]))
             if output.finished:
                 finals.append(output)
         if body.include_usage:
-            yield _sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[],
+            yield _sse(CompletionResponse(id=request_id, created=created, model=body.model, choices=[],
                                           usage=_usage(finals)))
 
     async def _chat_events(self, group: RequestGroup, body: ChatCompletionRequest, request_id: str, created: int,
                            num_top: int | None) -> AsyncIterator[str]:
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
-            return _sse(ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices,
+            return _sse(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=choices,
                                             usage=usage))
 
         # As OpenAI does: the role first, before any token, which also starts the response at once.

@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from foreseer.engine.async_engine import AsyncLLMEngine
+from foreseer.lora.manager import LoRAStats
 from foreseer.outputs import RequestOutput
 
 # Bucket bounds in seconds, from a few milliseconds (a GPU) to minutes (a loaded CPU).
@@ -77,6 +78,7 @@ class _EngineCollector(Collector):
                                 stats.kv_cache_usage)
         yield CounterMetricFamily("foreseer_prompt_tokens", "Prompt tokens prefilled", stats.prompt_tokens)
         yield CounterMetricFamily("foreseer_generation_tokens", "Tokens generated", stats.generation_tokens)
+        yield from _lora_metrics(stats.lora)
         spec = stats.speculation
         if spec is None:
             return
@@ -92,6 +94,32 @@ class _EngineCollector(Collector):
             for position, count in enumerate(counts):
                 family.add_metric([str(position)], count)
             yield family
+
+
+def _lora_metrics(lora: LoRAStats | None) -> Iterable[Metric]:
+    """The adapter tiers: device slots, host cache (disk holds the rest)."""
+    if lora is None:
+        return
+    tiers = {"device": (lora.device_adapters, lora.device_bytes, lora.max_loras),
+             "host": (lora.host_adapters, lora.host_bytes, lora.max_cpu_loras)}
+    for name, index, help_text in (("adapters", 0, "LoRA adapters loaded, by tier"),
+                                   ("adapter_bytes", 1, "Bytes of LoRA adapter weights loaded, by tier"),
+                                   ("adapter_capacity", 2, "LoRA adapters each tier holds (max_loras, max_cpu_loras)")):
+        family = GaugeMetricFamily(f"foreseer_lora_{name}", help_text, labels=["tier"])
+        for tier, values in tiers.items():
+            family.add_metric([tier], values[index])
+        yield family
+    yield GaugeMetricFamily("foreseer_lora_kv_blocks", "KV cache blocks held by LoRA adapters (unified memory)",
+                            lora.device_pages)
+    loads = CounterMetricFamily("foreseer_lora_loads", "LoRA adapters read from disk: waited for, or prefetched",
+                                labels=["mode"])
+    loads.add_metric(["sync"], lora.sync_loads)
+    loads.add_metric(["prefetch"], lora.prefetch_loads)
+    yield loads
+    evictions = CounterMetricFamily("foreseer_lora_evictions", "LoRA adapters evicted, by tier", labels=["tier"])
+    evictions.add_metric(["device"], lora.device_evictions)
+    evictions.add_metric(["host"], lora.host_evictions)
+    yield evictions
 
 
 class ResponseCounter:

@@ -134,6 +134,19 @@ class ChatCompletionRequest(_SamplingRequest):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
+class LoadLoRAAdapterRequest(_Request):
+    """vLLM's /v1/load_lora_adapter body."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    """vLLM's /v1/unload_lora_adapter body."""
+
+    lora_name: str = Field(min_length=1)
+
+
 # -- responses ----------------------------------------------------------------------------------------
 class UsageInfo(BaseModel):
     prompt_tokens: int
@@ -234,6 +247,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "foreseer"
     root: str
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for the base model
     max_model_len: int
 
 

@@ -66,7 +66,9 @@ class ModelRunner:
         )
         for layer, cache in zip(self.model.attention_layers(), caches):
             layer.kv_cache = cache
-        self.lora = LoRAManager(config.lora, self.model, self.device, self.dtype) if config.lora.enable_lora else None
+        self.lora = None
+        if config.lora.enable_lora:  # unified memory: an adapter's pages are KV blocks
+            self.lora = LoRAManager(config.lora, self.model, self.device, self.dtype, self.kv_bytes_per_block())
         self.sampler = Sampler(config.seed)
         self.num_computed_tokens_total = 0  # tokens run through the model so far (prefill and decode)
         self.return_hidden_states = False  # set when a draft proposer reads the target's hidden states
