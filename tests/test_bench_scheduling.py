@@ -44,8 +44,8 @@ def test_bench_seqsched_runs_every_schedule_with_the_same_answers(tiny_llama, da
     out = tmp_path / "seqsched.json"
     options = json.dumps({"weights_dir": buckets_probe, "quantile": 0.9})
     result = _cli("bench", "seqsched", "--model", tiny_llama, *ENGINE, "--dataset", dataset, "--num-prompts", "8",
-                  "--max-tokens", "24", "--group-size", "5", "--bin-width", "8", "--predictor-options", options, "--padded",
-                  "--length-predictor", buckets_probe, "--output-json", str(out))
+                  "--max-tokens", "24", "--group-size", "5", "--bin-width", "8", "--predictor-options", options,
+                  "--padded", "--length-predictor", buckets_probe, "--output-json", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     rows = report["rows"]
