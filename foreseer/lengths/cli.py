@@ -37,25 +37,36 @@ def add_lengths_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     build.set_defaults(func=cmd_build)
 
     train = commands.add_parser("train", help="train a predictor on the train split")
-    train.add_argument("--predictor", choices=["probe"], default="probe")
+    train.add_argument("--predictor", choices=["probe", "lora"], default="probe",
+                       help="probe: a head on the hidden state; lora: an adapter that makes the model state the length")
     train.add_argument("--data", required=True, help="JSONL file written by `lengths build`")
-    train.add_argument("--output-dir", default=None, help="default: the shipped probe directory of --model")
-    train.add_argument("--kind", choices=["regression", "buckets"], default="buckets")
-    train.add_argument("--hidden-dim", type=int, default=128, help="MLP width; 0: a linear head")
-    train.add_argument("--num-buckets", type=int, default=16)
-    train.add_argument("--epochs", type=int, default=300)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--weight-decay", type=float, default=1e-2)
+    train.add_argument("--output-dir", default=None, help="default: the shipped directory of --model's predictor")
     train.add_argument("--train-seed", type=int, default=0)
     train.add_argument("--output-json", default=None)
+    probe = train.add_argument_group("probe")
+    probe.add_argument("--kind", choices=["regression", "buckets"], default="buckets")
+    probe.add_argument("--hidden-dim", type=int, default=128, help="MLP width; 0: a linear head")
+    probe.add_argument("--num-buckets", type=int, default=16)
+    probe.add_argument("--epochs", type=int, default=300)
+    probe.add_argument("--lr", type=float, default=1e-3)
+    probe.add_argument("--weight-decay", type=float, default=1e-2)
+    lora = train.add_argument_group("lora (Hugging Face transformers + peft, fp32; then validated through the engine)")
+    lora.add_argument("--lora-rank", type=int, default=8)
+    lora.add_argument("--lora-alpha", type=int, default=16)
+    lora.add_argument("--lora-target-modules", nargs="+", default=["q_proj", "v_proj"])
+    lora.add_argument("--lora-epochs", type=int, default=2)
+    lora.add_argument("--lora-lr", type=float, default=1e-3)
+    lora.add_argument("--lora-batch-size", type=int, default=8, help="examples per step, batched by similar length")
+    lora.add_argument("--limit", type=int, default=None, help="train on the first N train records (a trial run)")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="score a predictor on the validation split")
-    evaluate.add_argument("--predictor", required=True, help="a registered predictor: pia, probe, constant")
+    evaluate.add_argument("--predictor", required=True, help="a registered predictor: pia, lora, probe, constant")
     evaluate.add_argument("--data", required=True, help="JSONL file written by `lengths build`")
-    evaluate.add_argument("--weights-dir", default=None, help="probe: default the shipped one of --model")
+    evaluate.add_argument("--weights-dir", default=None,
+                          help="probe, lora: the probe or adapter directory (default: the shipped one of --model)")
     evaluate.add_argument("--default-length", type=int, default=None,
-                          help="pia's fallback and constant's value (default: the train split's median label)")
+                          help="pia's and lora's fallback, constant's value (default: the train split's median label)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate on the first N validation prompts")
     evaluate.add_argument("--output-json", default=None)
     evaluate.set_defaults(func=cmd_eval)
@@ -104,6 +115,8 @@ def _load_split(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.predictor == "lora":
+        return _train_lora(args)
     import torch
 
     from foreseer.lengths.evaluate import evaluate, generation_ms_per_answer, write_json
@@ -140,6 +153,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_lora(args: argparse.Namespace) -> int:
+    """Train the adapter on transformers (the engine's own model source, fp32), then score it on the validation
+    split through the engine, which serves it as a LoRA adapter; the record lands beside the adapter."""
+    from foreseer.bench.throughput import load_hf_model
+    from foreseer.lengths.evaluate import evaluate, generation_ms_per_answer, write_json
+    from foreseer.lengths.lora import LoraTrainConfig, default_adapter_dir, train_length_lora, write_training_record
+    from foreseer.lengths.predictors import LoraPredictor, parse_pia_length
+
+    train, val = _load_split(args)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    trained_on = train[:args.limit] if args.limit is not None else train
+    output_dir = args.output_dir or default_adapter_dir(args.model)
+    config = LoraTrainConfig(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=tuple(args.lora_target_modules),
+                             epochs=args.lora_epochs, lr=args.lora_lr, batch_size=args.lora_batch_size,
+                             seed=args.train_seed, base_model=args.model)
+    _enable_lora(args, args.lora_rank)
+    llm = _setup(args)
+    dataset = {**_dataset_summary(args, train, val), "trained_on": len(trained_on)}
+    config.extra = {"command": _command_line(), "dataset": dataset}
+    hf_model = load_hf_model(llm)
+    record = train_length_lora(hf_model, llm.tokenizer, trained_on, output_dir, config,
+                               log=lambda line: print(line, file=sys.stderr, flush=True))
+    del hf_model
+    default = round(statistics.median(r.max_length for r in train))
+    predictor = LoraPredictor(llm, output_dir, default=default)
+    report = evaluate(predictor, val, generation_ms_per_answer(train + val))
+    record.update({
+        "val_metrics": dataclasses.asdict(report.metrics),
+        "val_overhead_ms": round(report.overhead_ms, 1), "val_overhead_share": round(report.overhead_share, 4),
+        "val_fallback_share": sum(parse_pia_length(t) is None for t in predictor.last_texts) / len(val),
+        "default_length": default,
+    })
+    write_training_record(output_dir, record)
+    print(json.dumps({"output_dir": output_dir, **record}, indent=2))
+    if args.output_json:
+        write_json(record, args.output_json)
+    return 0
+
+
+def _enable_lora(args: argparse.Namespace, rank: int) -> None:
+    """The engine for the lora predictor: LoRA on, with room for the adapter's rank."""
+    args.enable_lora = True
+    args.max_lora_rank = max(args.max_lora_rank, rank)
+
+
 def _dataset_summary(args: argparse.Namespace, train: list, val: list) -> dict:
     records = train + val
     return {
@@ -152,6 +211,7 @@ def _dataset_summary(args: argparse.Namespace, train: list, val: list) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from foreseer.lengths.evaluate import evaluate, generation_ms_per_answer, write_json
+    from foreseer.lengths.lora import default_adapter_dir
     from foreseer.lengths.predictors import PREDICTORS, create_predictor
 
     if args.predictor not in PREDICTORS:
@@ -161,7 +221,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         val = val[:args.limit]
     default = args.default_length or round(statistics.median(r.max_length for r in train))
     options = {"pia": {"default": default}, "constant": {"value": default},
-               "probe": {"weights_dir": args.weights_dir}}.get(args.predictor, {})
+               "probe": {"weights_dir": args.weights_dir},
+               "lora": {"weights_dir": args.weights_dir, "default": default}}.get(args.predictor, {})
+    if args.predictor == "lora":
+        _enable_lora(args, _adapter_rank(args.weights_dir or default_adapter_dir(args.model)))
     llm = _setup(args)
     predictor = create_predictor(args.predictor, llm, **options)
     report = evaluate(predictor, val, generation_ms_per_answer(train + val))
@@ -174,15 +237,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_rank(adapter_dir: str) -> int:
+    """The rank in an adapter's config (0 if unreadable: the engine then says what is wrong with it)."""
+    try:
+        with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+            rank = json.load(f).get("r", 0)
+    except (OSError, ValueError):
+        return 0
+    return rank if isinstance(rank, int) else 0
+
+
 def _predictor_extra(predictor, val: list, generation_ms: float) -> dict:
-    """PiA: how often the model stated no usable length. Probe: the head's own cost, the only one at serving time
-    (the engine's prefill computes the hidden states anyway)."""
+    """PiA and LoRA: how often the model stated no usable length. Probe: the head's own cost, the only one at
+    serving time (the engine's prefill computes the hidden states anyway)."""
     from foreseer.lengths.features import prompt_hidden_states
-    from foreseer.lengths.predictors import PiaPredictor, ProbePredictor, parse_pia_length
+    from foreseer.lengths.predictors import LoraPredictor, PiaPredictor, ProbePredictor, parse_pia_length
 
     if isinstance(predictor, PiaPredictor):
         failed = sum(parse_pia_length(text) is None for text in predictor.last_texts)
-        return {"fallback_share": failed / len(val), "sample_answers": predictor.last_texts[:10]}
+        adapter = {"adapter_dir": predictor.adapter_dir} if isinstance(predictor, LoraPredictor) else {}
+        return {"fallback_share": failed / len(val), "sample_answers": predictor.last_texts[:10], **adapter}
     if isinstance(predictor, ProbePredictor):
         hidden = prompt_hidden_states(predictor.llm.engine, [r.prompt_token_ids for r in val])
         start = time.perf_counter()

@@ -11,7 +11,9 @@ import torch
 
 from foreseer.lengths.dataset import MAX_TOKENS
 from foreseer.lengths.features import prompt_hidden_states
+from foreseer.lengths.lora import LENGTH_QUESTION, default_adapter_dir
 from foreseer.lengths.probe import ProbeHead, default_probe_dir
+from foreseer.lora import LoRARequest
 from foreseer.sampling_params import SamplingParams
 
 # The paper's PiA instruction (Zheng et al., 2023), appended to the user's message.
@@ -20,6 +22,8 @@ PIA_INSTRUCTION = (
     "your response. Output only one number."
 )
 PIA_LIMIT = 8192  # a stated length above this is not an estimate but noise
+# The length adapter's lora_int_id: far from the small ids users give their own adapters.
+LENGTH_LORA_ID = 2**31 - 1
 TOKENS_PER_WORD = 1.33  # when the model states words instead of tokens
 
 
@@ -117,12 +121,16 @@ def _generation_suffix(tokenizer) -> list[int]:
 
 @register
 class PiaPredictor(LengthPredictor):
-    """Perception in Advance, prompt-only: the model is asked to state its answer's length before answering."""
+    """Perception in Advance, prompt-only: the model is asked to state its answer's length before answering.
+
+    Greedy, a few tokens; the statement is parsed with `parse_pia_length`, capped at max_length, and `default`
+    stands in where the model stated no usable length. With `lora_request`, the question runs with that adapter
+    (LoraPredictor)."""
 
     name = "pia"
 
     def __init__(self, llm, default: int = 256, max_length: int = MAX_TOKENS, instruction: str = PIA_INSTRUCTION,
-                 max_tokens: int = 16) -> None:
+                 max_tokens: int = 16, lora_request: LoRARequest | None = None) -> None:
         if not 1 <= default <= max_length:
             raise ValueError(f"default must be in [1, max_length={max_length}], got {default!r}")
         self.llm = llm
@@ -130,6 +138,7 @@ class PiaPredictor(LengthPredictor):
         self.max_length = max_length
         self.instruction = instruction
         self.params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        self.lora_request = lora_request
         self.last_texts: list[str] = []  # the model's statements of the last predict call, for inspection
 
     @classmethod
@@ -138,10 +147,39 @@ class PiaPredictor(LengthPredictor):
 
     def predict(self, prompts: Sequence[Sequence[int]]) -> list[int]:
         asks = [instruction_prompt(self.llm.tokenizer, p, self.instruction) for p in prompts]
-        outputs = self.llm.generate(asks, self.params, use_tqdm=False)
+        adapter = {} if self.lora_request is None else {"lora_request": self.lora_request}
+        outputs = self.llm.generate(asks, self.params, use_tqdm=False, **adapter)
         self.last_texts = [o.outputs[0].text for o in outputs]
         stated = [parse_pia_length(text) for text in self.last_texts]
         return [self.default if n is None else min(n, self.max_length) for n in stated]
+
+
+@register
+class LoraPredictor(PiaPredictor):
+    """The paper's instruction-tuned predictor (Zheng et al., 2023): the model itself with a LoRA adapter trained
+    to answer LENGTH_QUESTION with its longest answer's length (foreseer/lengths/lora.py). The engine serves the
+    adapter beside the base model, in the same batches as user requests; it needs LLM(..., enable_lora=True)."""
+
+    name = "lora"
+
+    def __init__(self, llm, adapter_dir: str, default: int = MAX_TOKENS, max_length: int = MAX_TOKENS,
+                 max_tokens: int = 8, lora_int_id: int = LENGTH_LORA_ID) -> None:
+        _require_lora(llm)
+        lora_request = LoRARequest("length-predictor", lora_int_id, adapter_dir)
+        llm.engine.load_lora(lora_request)  # a bad adapter fails here, not as rejected requests later
+        super().__init__(llm, default, max_length, LENGTH_QUESTION, max_tokens, lora_request)
+        self.adapter_dir = adapter_dir
+
+    @classmethod
+    def create(cls, llm, weights_dir: str | None = None, **options) -> LoraPredictor:
+        """The adapter in weights_dir, by default the one shipped for the engine's model."""
+        _require_lora(llm)
+        return cls(llm, weights_dir or default_adapter_dir(llm.engine.config.model), **options)
+
+
+def _require_lora(llm) -> None:
+    if not llm.engine.config.lora.enable_lora:
+        raise ValueError("the lora length predictor needs LLM(..., enable_lora=True) (CLI: --enable-lora)")
 
 
 @register
