@@ -72,8 +72,10 @@ class PriorityPolicy(SchedulingPolicy):
 
 
 def predicted_length(request: Request) -> int:
-    """The request's predicted answer length; without a prediction (not made yet), its max_tokens."""
-    return request.max_tokens if request.predicted_length is None else request.predicted_length
+    """The request's predicted answer length, at most its max_tokens (the answer cannot be longer); without a
+    prediction (not made yet), its max_tokens."""
+    return request.max_tokens if request.predicted_length is None else min(request.predicted_length,
+                                                                            request.max_tokens)
 
 
 def _starved(request: Request, now: float, max_wait_s: float) -> bool:
