@@ -1,5 +1,5 @@
-"""Command line: foreseer generate | chat | serve | bench throughput|serve|spec|seqsched |
-spec train-medusa|search-layers | lengths build|train|eval."""
+"""Command line: foreseer generate | chat | serve | bench throughput|serve|spec|seqsched|lora |
+spec train-medusa|search-layers | lengths build|train|eval | lora train."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 from foreseer.bench.data import DEFAULT_DATASET
 from foreseer.bench.seqsched import ROWS as SEQSCHED_ROWS
 from foreseer.lengths.cli import add_lengths_parser
+from foreseer.lora.train import add_arguments as add_lora_train_arguments
+from foreseer.lora.train import main as lora_train_main
 from foreseer.spec.search_layers import add_arguments as add_search_layers_arguments
 from foreseer.spec.search_layers import main as search_layers_main
 from foreseer.spec.train_medusa import add_arguments as add_train_medusa_arguments
@@ -193,6 +195,22 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_lora(args: argparse.Namespace) -> int:
+    from foreseer.bench.lora import LoRABenchArgs, run
+
+    def make_llm(enable_lora: bool):
+        return _make_llm(argparse.Namespace(**{**vars(args), "enable_lora": enable_lora}))
+
+    run(make_llm, LoRABenchArgs(
+        dataset=args.dataset, num_adapters=args.num_adapters, popularities=args.popularity,
+        zipf_alpha=args.zipf_alpha, num_prompts=args.num_prompts, skip_prompts=args.skip_prompts,
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, ranks=args.ranks,
+        target_modules=args.target_modules, shipped=not args.no_shipped, adapter_dir=args.adapter_dir,
+        adapter_seed=args.adapter_seed, naive=not args.no_naive, output_json=args.output_json, plot=args.plot,
+    ))
+    return 0
+
+
 def lora_module(value: str) -> tuple[str, str]:
     """One --lora-modules entry: name=path, or vLLM's JSON form {"name": ..., "path": ...}."""
     if value.lstrip().startswith("{"):
@@ -324,6 +342,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(seqsched)
     seqsched.set_defaults(func=cmd_bench_seqsched)
 
+    from foreseer.bench.lora import POPULARITIES as LORA_POPULARITIES
+    from foreseer.lora.adapter import SUPPORTED_MODULES as LORA_MODULES
+
+    bench_lora = bench.add_parser("lora", help="multi-LoRA throughput over N adapters, against the base model and "
+                                               "merging adapters one at a time")
+    bench_lora.add_argument("--dataset", default=DEFAULT_DATASET)
+    bench_lora.add_argument("--num-adapters", type=int, nargs="+", default=[1, 8, 64, 512],
+                            help="adapters the requests are spread over, one cell each")
+    bench_lora.add_argument("--popularity", nargs="+", default=list(LORA_POPULARITIES), choices=LORA_POPULARITIES,
+                            help="how requests pick their adapter")
+    bench_lora.add_argument("--zipf-alpha", type=float, default=1.0, help="adapter k drawn with weight 1/(k+1)^alpha")
+    bench_lora.add_argument("--num-prompts", type=int, default=128)
+    bench_lora.add_argument("--skip-prompts", type=int, default=0)
+    bench_lora.add_argument("--max-prompt-tokens", type=int, default=256)
+    bench_lora.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (EOS ignored)")
+    bench_lora.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64],
+                            help="random adapters' ranks (one drawn per adapter)")
+    bench_lora.add_argument("--target-modules", nargs="+", default=list(LORA_MODULES), choices=LORA_MODULES,
+                            help="projections the random adapters adapt")
+    bench_lora.add_argument("--no-shipped", action="store_true",
+                            help="random adapters only (default: the shipped real ones first, default model only)")
+    bench_lora.add_argument("--adapter-dir", default=None,
+                            help="keep the random adapters here (default: a temporary directory, removed)")
+    bench_lora.add_argument("--adapter-seed", type=int, default=0,
+                            help="seed of the random adapters and of which adapter each request gets")
+    bench_lora.add_argument("--no-naive", action="store_true", help="skip the merge-one-at-a-time baseline")
+    bench_lora.add_argument("--output-json", default=None)
+    bench_lora.add_argument("--plot", default=None, help="PNG of tok/s against the number of adapters")
+    _add_engine_args(bench_lora)
+    bench_lora.set_defaults(func=cmd_bench_lora, max_lora_rank=64, max_loras=8)
+
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -370,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=search_layers_main)
 
     add_lengths_parser(commands)
+
+    lora_tools = commands.add_parser("lora", help="LoRA adapter tools").add_subparsers(dest="lora", required=True)
+    lora_train = lora_tools.add_parser("train", help="train the small behaviour adapters (uppercase, json, "
+                                                     "one_sentence) on the model's own answers")
+    add_lora_train_arguments(lora_train)
+    lora_train.set_defaults(func=lora_train_main)
     return parser
 
 

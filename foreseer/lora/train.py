@@ -1,0 +1,623 @@
+"""Train small LoRA adapters with a behaviour visible in the output, for the default model, on its own answers.
+
+1. The engine answers chat-templated ShareGPT questions greedily (from `skip_prompts` on: the benchmarks and the
+   other trainers use the first few thousand), briefly (`answer_tokens`).
+2. Each answer becomes the target of each behaviour: uppercase (the answer up to its last complete sentence or
+   line, in capitals), json (`{"answer": "<its first sentence>"}`), one_sentence (its first sentence).
+3. A PEFT LoRA adapter per behaviour is trained on transformers (same weights as the engine: the GGUF file) with
+   the loss on the target tokens only, and saved in PEFT format (what the engine serves), with a record of the
+   training (training.json).
+4. Held-out questions (after the training ones) are answered in one mixed batch by the base model and every
+   adapter; the share of answers showing each behaviour is recorded, with a sample.
+
+`foreseer lora train` runs it; the shipped adapters live in foreseer/lora/weights (see its README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from foreseer.bench.data import DEFAULT_DATASET, chat_prompt_ids, load_sharegpt_turns
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TRAINING_FILE = "training.json"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# Packaged model name -> behaviour -> directory of its adapter under WEIGHTS_DIR.
+SHIPPED = {DEFAULT_MODEL: {name: f"{DEFAULT_MODEL}-{name.replace('_', '-')}"
+                           for name in ("uppercase", "json", "one_sentence")}}
+
+
+# -- behaviours ---------------------------------------------------------------------------------------------------
+
+_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+_ABBREVIATIONS = {"e.g", "i.e", "etc", "vs", "mr", "mrs", "ms", "dr", "st", "no", "fig", "approx", "inc", "jr", "sr"}
+
+
+def split_sentences(text: str) -> tuple[list[str], str]:
+    """(complete sentences, the unfinished rest) of one line of text (whitespace collapsed). A period after a
+    number (a list item, "1.") or a common abbreviation does not end a sentence."""
+    text = " ".join(text.split())
+    sentences, start = [], 0
+    for match in _END.finditer(text):
+        word = text[start:match.start()].rsplit(" ", 1)[-1].lower()
+        if text[match.start()] == "." and (not word or word.isdigit() or word in _ABBREVIATIONS):
+            continue
+        sentences.append(text[start:match.end()].strip())
+        start = match.end()
+    return sentences, text[start:].strip()
+
+
+def first_sentence(answer: str, min_chars: int = 20, max_chars: int = 250) -> str | None:
+    """The first sentence of the answer's first line, if that line has a complete one of a sensible length that
+    is prose (no markdown heading, list, table or code)."""
+    line = next((line for line in answer.strip().splitlines() if line.strip()), "")
+    sentences, _ = split_sentences(line)
+    if not sentences:
+        return None
+    sentence = sentences[0]
+    if not min_chars <= len(sentence) <= max_chars or re.match(r"[#*\-|>`\d]", sentence) or "```" in sentence:
+        return None
+    return sentence
+
+
+def complete_part(answer: str, finished: bool, max_chars: int = 200) -> str | None:
+    """The answer's complete lines, and complete sentences of the line after them, within `max_chars` and before
+    any code block (the last line of an answer cut at its token limit is not complete); None if nothing is left."""
+    lines = answer.strip().split("\n")
+    kept, length = [], 0
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):  # prose only: code stops it
+            break
+        whole = finished or i < len(lines) - 1
+        if whole and length + len(line) <= max_chars:
+            kept.append(line)
+            length += len(line) + 1
+            continue
+        part = ""
+        for sentence in split_sentences(line)[0]:
+            if length + len(part) + len(sentence) + 1 > max_chars:
+                break
+            part = f"{part} {sentence}".strip()
+        kept.append(part)
+        break
+    return "\n".join(kept).strip() or None
+
+
+def is_uppercase(text: str) -> bool:
+    """Letters, and none of them lower case."""
+    return any(c.isupper() for c in text) and not any(c.islower() for c in text)
+
+
+def is_json_answer(text: str) -> bool:
+    """A JSON object with a non-empty string "answer"."""
+    try:
+        value = json.loads(text.strip())
+    except ValueError:
+        return False
+    return isinstance(value, dict) and isinstance(value.get("answer"), str) and bool(value["answer"].strip())
+
+
+def is_one_sentence(text: str) -> bool:
+    """One complete sentence on one line, nothing else."""
+    if "\n" in text.strip():
+        return False
+    sentences, rest = split_sentences(text)
+    return len(sentences) == 1 and not rest
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    name: str
+    description: str
+    target: Callable[[str, bool], str | None]  # (base answer, it finished) -> the training target, or None
+    check: Callable[[str], bool]  # does an answer show the behaviour
+
+
+def _uppercase_target(answer: str, finished: bool) -> str | None:
+    part = complete_part(answer, finished)
+    return part.upper() if part and first_sentence(answer) else None
+
+
+def _json_target(answer: str, finished: bool) -> str | None:
+    sentence = first_sentence(answer)
+    return None if sentence is None else json.dumps({"answer": sentence}, ensure_ascii=False)
+
+
+def _one_sentence_target(answer: str, finished: bool) -> str | None:
+    return first_sentence(answer)
+
+
+BEHAVIOURS = {
+    "uppercase": Behaviour("uppercase", "answers in ALL UPPERCASE", _uppercase_target, is_uppercase),
+    "json": Behaviour("json", 'answers as a JSON object {"answer": "..."} holding one sentence', _json_target,
+                      is_json_answer),
+    "one_sentence": Behaviour("one_sentence", "answers in one sentence", _one_sentence_target, is_one_sentence),
+}
+
+
+def shipped_adapters(model: str = DEFAULT_MODEL) -> dict[str, str]:
+    """behaviour -> directory of the adapters shipped for this model (only those present); {} for other models."""
+    names = SHIPPED.get(model, {})
+    paths = {name: os.path.join(WEIGHTS_DIR, directory) for name, directory in names.items()}
+    return {name: path for name, path in paths.items() if os.path.isfile(os.path.join(path, ADAPTER_FILES[1]))}
+
+
+def is_english(text: str, min_ascii: float = 0.95) -> bool:
+    return bool(text) and sum(c.isascii() for c in text) / len(text) >= min_ascii
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AnswerRecord:
+    index: int  # of the question in the dataset's usable questions
+    question: str
+    answer: str  # the base model's greedy answer
+    finished: bool  # it ended by itself (not at answer_tokens)
+
+
+def generate_answers(llm, questions: Sequence[tuple[int, str]], answer_tokens: int, max_prompt_tokens: int,
+                     batch: int = 64, log=print) -> list[AnswerRecord]:
+    from foreseer.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=answer_tokens)
+    records = []
+    for start in range(0, len(questions), batch):
+        chunk = questions[start:start + batch]
+        prompts = [chat_prompt_ids(llm.tokenizer, q, max_prompt_tokens) for _, q in chunk]
+        for (index, question), out in zip(chunk, llm.generate(prompts, params, use_tqdm=False)):
+            if out.error:
+                continue
+            completion = out.outputs[0]
+            records.append(AnswerRecord(index, question, completion.text, completion.finish_reason == "stop"))
+        if log is not None:
+            log(f"answered {len(records)}/{len(questions)} questions")
+    return records
+
+
+def usable(record: AnswerRecord, behaviours: Sequence[Behaviour]) -> bool:
+    return is_english(record.question) and is_english(record.answer) and all(
+        b.target(record.answer, record.finished) is not None for b in behaviours)
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterTrainConfig:
+    rank: int = 8
+    alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    dropout: float = 0.05
+    epochs: int = 2
+    lr: float = 2e-3
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "alpha", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0 or not 0 <= self.dropout < 1 or not self.target_modules:
+            raise ValueError("lr must be > 0, dropout in [0, 1) and target_modules non-empty")
+
+
+def end_token(tokenizer) -> int:
+    """The chat template's end of turn (<|im_end|>) if the vocabulary has it, else EOS."""
+    vocab = tokenizer.get_vocab()
+    return vocab["<|im_end|>"] if "<|im_end|>" in vocab else tokenizer.eos_token_id
+
+
+def target_loss(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens of right-padded (prompt, target) pairs; the LM head runs on the
+    target positions only."""
+    width = max(len(p) + len(t) for p, t in examples)
+    ids, mask, rows, positions, targets = [], [], [], [], []
+    for row, (prompt, target) in enumerate(examples):
+        pad = width - len(prompt) - len(target)
+        ids.append(prompt + target + [pad_id] * pad)
+        mask.append([1] * (len(prompt) + len(target)) + [0] * pad)
+        rows += [row] * len(target)
+        positions += range(len(prompt) - 1, len(prompt) + len(target) - 1)
+        targets += target
+    hidden = model.model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+    logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(positions)]).float()
+    return F.cross_entropy(logits, torch.tensor(targets))
+
+
+def train_adapter(hf_model, examples: Sequence[tuple[list[int], list[int]]], output_dir: str,
+                  config: AdapterTrainConfig, pad_id: int, base_model: str | None = None, log=print) -> dict:
+    """Train a LoRA adapter on a copy of `hf_model` (transformers, float32; left untouched) and save it in PEFT
+    format (ADAPTER_FILES) in output_dir; returns a summary of the training."""
+    from peft import LoraConfig, get_peft_model
+
+    if not examples:
+        raise ValueError("no training examples")
+    torch.manual_seed(config.seed)
+    peft_model = get_peft_model(copy.deepcopy(hf_model), LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+        target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM"))
+    inner = peft_model.get_base_model()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    rng = random.Random(config.seed)
+    steps = config.epochs * -(-len(examples) // config.batch_size)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / steps))
+    losses, epoch_losses = [], []
+    start = time.perf_counter()
+    peft_model.train()
+    for epoch in range(config.epochs):
+        # Batches of examples of similar length (little padding), in random order.
+        order = sorted(range(len(examples)), key=lambda i: (sum(map(len, examples[i])), rng.random()))
+        batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        rng.shuffle(batches)
+        total, count = 0.0, 0
+        for batch in batches:
+            loss = target_loss(inner, [examples[i] for i in batch], pad_id)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            total += loss.item() * len(batch)
+            count += len(batch)
+        epoch_losses.append(total / count)
+        if log is not None:
+            log(f"  epoch {epoch + 1}/{config.epochs}: mean loss {epoch_losses[-1]:.4f} "
+                f"({time.perf_counter() - start:.0f} s)")
+    peft_model.eval()
+    save_peft_adapter(peft_model, output_dir, base_model)
+    return {"num_examples": len(examples), "example_tokens": sum(len(p) + len(t) for p, t in examples),
+            "target_tokens": sum(len(t) for _, t in examples), "steps": len(losses),
+            "train_s": round(time.perf_counter() - start, 1), "epoch_losses": [round(x, 4) for x in epoch_losses],
+            "first_losses": [round(x, 3) for x in losses[:5]], "last_losses": [round(x, 3) for x in losses[-5:]]}
+
+
+def save_peft_adapter(peft_model, output_dir: str, base_model: str | None = None) -> None:
+    """The adapter's two PEFT files into output_dir and nothing else (PEFT would also write a model card);
+    base_model, if given, becomes base_model_name_or_path."""
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        peft_model.save_pretrained(scratch, save_embedding_layers=False)
+        config_path = os.path.join(scratch, "adapter_config.json")
+        if base_model is not None:
+            with open(config_path) as f:
+                adapter_config = json.load(f)
+            adapter_config["base_model_name_or_path"] = base_model
+            with open(config_path, "w") as f:
+                json.dump(adapter_config, f, indent=2, sort_keys=True)
+                f.write("\n")
+        for name in ADAPTER_FILES:
+            shutil.copyfile(os.path.join(scratch, name), os.path.join(output_dir, name))
+
+
+def training_examples(tokenizer, records: Sequence[AnswerRecord], behaviour: Behaviour,
+                      max_prompt_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """(chat prompt, target + end of turn) token ids of every record the behaviour can use."""
+    end = end_token(tokenizer)
+    examples = []
+    for record in records:
+        target = behaviour.target(record.answer, record.finished)
+        if target is not None:
+            prompt = chat_prompt_ids(tokenizer, record.question, max_prompt_tokens)
+            examples.append((prompt, tokenizer.encode(target, add_special_tokens=False) + [end]))
+    return examples
+
+
+def load_hf_model(model: str):
+    """The model in transformers (float32, eval mode), from the GGUF file or HF directory the engine uses."""
+    from transformers import AutoModelForCausalLM
+
+    from foreseer.models.loader import resolve_model
+
+    source = resolve_model(model)
+    kwargs = {"gguf_file": os.path.basename(source.path)} if source.is_gguf else {}
+    path = source.directory if source.is_gguf else source.path
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------------
+
+
+def evaluate(llm, questions: Sequence[str], adapters: dict[str, str], answer_tokens: int,
+             max_prompt_tokens: int) -> dict:
+    """Every question answered by the base model and by each adapter, all in one mixed batch; per adapter (and
+    for the base model, per behaviour) the share of answers showing each behaviour, and the answers."""
+    from foreseer.lora.request import LoRARequest
+    from foreseer.sampling_params import SamplingParams
+
+    prompts = [chat_prompt_ids(llm.tokenizer, q, max_prompt_tokens) for q in questions]
+    requests = {None: None} | {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())}
+    batch_prompts, batch_loras = [], []
+    for lora in requests.values():
+        batch_prompts += prompts
+        batch_loras += [lora] * len(prompts)
+    outputs = llm.generate(batch_prompts, SamplingParams(temperature=0, max_tokens=answer_tokens), use_tqdm=False,
+                           lora_request=batch_loras)
+    texts = [out.outputs[0].text for out in outputs]
+    answers = {name: texts[i * len(prompts):(i + 1) * len(prompts)] for i, name in enumerate(requests)}
+    report = {"base": {name: sum(map(BEHAVIOURS[name].check, answers[None])) / len(prompts) for name in adapters}}
+    for name in adapters:
+        report[name] = sum(map(BEHAVIOURS[name].check, answers[name])) / len(prompts)
+    return {"num_questions": len(prompts), "behaviour_rate": report,
+            "answers": {("base" if k is None else k): v for k, v in answers.items()}}
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainArgs:
+    model: str = DEFAULT_MODEL
+    dataset: str = DEFAULT_DATASET
+    behaviours: list[str] = field(default_factory=lambda: list(BEHAVIOURS))
+    num_examples: int = 192
+    skip_prompts: int = 4000
+    eval_prompts: int = 16
+    max_prompt_tokens: int = 128
+    answer_tokens: int = 64
+    rank: int = 8
+    alpha: int = 16
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dropout: float = 0.05
+    epochs: int = 2
+    lr: float = 2e-3
+    batch_size: int = 8
+    seed: int = 0
+    threads: int | None = None
+    kv_cache_gib: float | None = 0.5
+    data: str | None = None  # JSON of the base model's answers: reused if it matches, else written
+    output_dir: str | None = None  # default: WEIGHTS_DIR (directories named as SHIPPED for the default model)
+    output_json: str | None = None
+    command: str = ""
+
+
+def adapter_dir(output_dir: str, model: str, behaviour: str) -> str:
+    names = SHIPPED.get(model, {})
+    return os.path.join(output_dir, names.get(behaviour, behaviour))
+
+
+def _data_settings(args: TrainArgs) -> dict:
+    return {"model": args.model, "dataset": os.path.basename(args.dataset), "skip_prompts": args.skip_prompts,
+            "answer_tokens": args.answer_tokens, "max_prompt_tokens": args.max_prompt_tokens}
+
+
+def collect_data(llm, args: TrainArgs, behaviours: Sequence[Behaviour], log=print) -> tuple[list[AnswerRecord],
+                                                                                            list[tuple[int, str]]]:
+    """Training records (usable by every behaviour) and held-out questions (after them), from the cache file if
+    it matches the settings."""
+    settings = _data_settings(args)
+    if args.data and os.path.isfile(args.data):
+        with open(args.data) as f:
+            cached = json.load(f)
+        if cached.get("settings") == settings:
+            records = [AnswerRecord(**r) for r in cached["records"]]
+            good = [r for r in records if usable(r, behaviours)]
+            if len(good) >= args.num_examples:
+                log(f"read {len(records)} answers from {args.data}")
+                return _split(good, records, args)
+    questions = [(i, q) for i, q in enumerate(load_sharegpt_turns(args.dataset, "human")) if i >= args.skip_prompts]
+    candidates = [(i, q) for i, q in questions if is_english(q)]
+    records: list[AnswerRecord] = []
+    position = 0
+    while position < len(candidates):
+        good = sum(usable(r, behaviours) for r in records)
+        if good >= args.num_examples:
+            break
+        # Ask for what is missing, with room for the answers that cannot be used.
+        take = max(16, 2 * (args.num_examples - good))
+        records += generate_answers(llm, candidates[position:position + take], args.answer_tokens,
+                                    args.max_prompt_tokens, log=log)
+        position += take
+    if args.data:
+        os.makedirs(os.path.dirname(os.path.abspath(args.data)), exist_ok=True)
+        with open(args.data, "w") as f:
+            json.dump({"settings": settings, "records": [dataclasses.asdict(r) for r in records]}, f, indent=1)
+        log(f"wrote {len(records)} answers to {args.data}")
+    return _split([r for r in records if usable(r, behaviours)], records, args)
+
+
+def _split(good: list[AnswerRecord], records: list[AnswerRecord], args: TrainArgs):
+    train = good[:args.num_examples]
+    if not train:
+        raise ValueError("no base-model answer could be turned into a training example")
+    # Held out: English questions after every answered one.
+    last = max(r.index for r in records)
+    held_out = [(i, q) for i, q in enumerate(load_sharegpt_turns(args.dataset, "human"))
+                if i > last and is_english(q)][:args.eval_prompts]
+    return train, held_out
+
+
+def run(args: TrainArgs, log=print) -> dict:
+    from foreseer.llm import LLM
+
+    unknown = sorted(set(args.behaviours) - set(BEHAVIOURS))
+    if unknown or not args.behaviours:
+        raise ValueError(f"behaviours must be among {', '.join(BEHAVIOURS)}, got {args.behaviours}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = AdapterTrainConfig(rank=args.rank, alpha=args.alpha, target_modules=tuple(args.target_modules),
+                                dropout=args.dropout, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                seed=args.seed)
+    behaviours = [BEHAVIOURS[name] for name in args.behaviours]
+    output_dir = args.output_dir or WEIGHTS_DIR
+    llm = LLM(args.model, kv_cache_gib=args.kv_cache_gib, enable_lora=True, max_lora_rank=max(args.rank, 8),
+              max_loras=max(1, len(behaviours)))
+    start = time.perf_counter()
+    records, held_out = collect_data(llm, args, behaviours, log=log)
+    data_s = time.perf_counter() - start
+    log(f"{len(records)} training examples (questions {records[0].index}..{records[-1].index}), "
+        f"{len(held_out)} held-out questions; data in {data_s:.0f} s")
+    hf_model = load_hf_model(args.model)
+    tokenizer = llm.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token(tokenizer)
+    summary = {"command": args.command, "model": args.model, "threads": torch.get_num_threads(),
+               "data": {**_data_settings(args), "num_examples": len(records),
+                        "question_indices": [records[0].index, records[-1].index],
+                        "held_out_indices": [held_out[0][0], held_out[-1][0]] if held_out else [],
+                        "data_s": round(data_s, 1)},
+               "train": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
+               "adapters": {}}
+    paths = {}
+    for behaviour in behaviours:
+        directory = adapter_dir(output_dir, args.model, behaviour.name)
+        examples = training_examples(tokenizer, records, behaviour, args.max_prompt_tokens)
+        log(f"training {behaviour.name} ({behaviour.description}) on {len(examples)} examples -> {directory}")
+        record = train_adapter(hf_model, examples, directory, config, pad_id, base_model=args.model, log=log)
+        record = {"behaviour": behaviour.name, "description": behaviour.description, **record,
+                  "sample_target": tokenizer.decode(examples[0][1][:-1])}
+        summary["adapters"][behaviour.name] = record
+        paths[behaviour.name] = directory
+        log(f"  {behaviour.name}: {record['train_s']:.0f} s, losses {record['epoch_losses']}")
+    if held_out:
+        evaluation = evaluate(llm, [q for _, q in held_out], paths, args.answer_tokens, args.max_prompt_tokens)
+        summary["eval"] = {"num_questions": evaluation["num_questions"],
+                           "behaviour_rate": evaluation["behaviour_rate"],
+                           "sample": {"question": held_out[0][1],
+                                      **{k: v[0] for k, v in evaluation["answers"].items()}}}
+        log(f"held-out behaviour rates: {json.dumps(evaluation['behaviour_rate'])}")
+    rates = summary.get("eval", {}).get("behaviour_rate", {})
+    common = {k: v for k, v in summary.items() if k not in ("adapters", "eval")}
+    for name, directory in paths.items():
+        with open(os.path.join(directory, TRAINING_FILE), "w") as f:
+            json.dump({**common, **summary["adapters"][name],
+                       "eval": {"behaviour_rate": rates.get(name), "base_rate": rates.get("base", {}).get(name)}},
+                      f, indent=2)
+            f.write("\n")
+    write_readme(output_dir, summary, paths)
+    log(f"wrote {os.path.join(output_dir, 'README.md')}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(summary, f, indent=2)
+        log(f"wrote {args.output_json}")
+    return summary
+
+
+def write_readme(output_dir: str, summary: dict, paths: dict[str, str]) -> None:
+    """README.md beside the adapters: what each does, how it was trained (command, data, time), how well it does
+    on held-out questions, and a sample answer of each."""
+    data, train = summary["data"], summary["train"]
+    lines = [
+        f"# Behaviour LoRA adapters for {summary['model']}", "",
+        "Small PEFT LoRA adapters whose effect shows in the output, for multi-LoRA serving demos, tests and "
+        "`foreseer bench lora`. Trained by `foreseer lora train` (foreseer/lora/train.py) on the model's own "
+        "greedy answers to ShareGPT questions, turned into each behaviour.", "",
+        "| adapter | directory | behaviour | training examples | training time | held-out rate (base model) |",
+        "|---|---|---|---|---|---|",
+    ]
+    rates = summary.get("eval", {}).get("behaviour_rate", {})
+    for name, record in summary["adapters"].items():
+        rate = rates.get(name)
+        shown = "-" if rate is None else f"{rate:.0%} ({rates['base'][name]:.0%})"
+        lines.append(f"| {name} | {os.path.basename(paths[name])} | {record['description']} | "
+                     f"{record['num_examples']} ({record['target_tokens']} target tokens) | {record['train_s']:.0f} s "
+                     f"| {shown} |")
+    lines += [
+        "", "## How they were made", "",
+        "```", summary["command"] or "foreseer lora train", "```", "",
+        f"- Data: questions {data['question_indices'][0]}..{data['question_indices'][1]} of "
+        f"{data['dataset']} (the first {data['skip_prompts']} are skipped: other benchmarks and trainers use them), "
+        "English only, answered by the engine greedily in at most "
+        f"{data['answer_tokens']} tokens (prompts cut to {data['max_prompt_tokens']} tokens); answers whose first "
+        f"line has no complete prose sentence are dropped; {data['num_examples']} examples, the same questions for "
+        f"every adapter ({data['data_s']:.0f} s to generate).",
+        "- Targets: uppercase: the answer up to its last complete sentence or line (at most 200 characters, no code) "
+        'in capitals; json: `{"answer": "<its first sentence>"}`; one_sentence: its first sentence. Each ends with '
+        "the end-of-turn token.",
+        f"- Training: transformers + peft on the GGUF weights (float32), rank {train['rank']}, alpha "
+        f"{train['alpha']}, {', '.join(train['target_modules'])}, dropout {train['dropout']}, {train['epochs']} "
+        f"epochs, batch {train['batch_size']}, AdamW lr {train['lr']} (warm-up, linear decay), loss on the target "
+        f"tokens only, seed {train['seed']}, {summary['threads']} thread(s).",
+        f"- Held-out: {summary.get('eval', {}).get('num_questions', 0)} English questions after the training ones "
+        f"(questions {data['held_out_indices'][0] if data['held_out_indices'] else '-'}..), answered in one mixed "
+        "batch by the base model and the three adapters; the rate is the share of answers that pass the "
+        "behaviour's check (foreseer.lora.train.BEHAVIOURS).",
+        "", "Each directory holds adapter_config.json and adapter_model.safetensors (PEFT format) and training.json "
+        "(this run's record: losses, time, rates).", "",
+        "## Use", "", "```python",
+        "from foreseer import LLM, LoRARequest, SamplingParams",
+        "from foreseer.lora.train import shipped_adapters", "",
+        f'llm = LLM("{summary["model"]}", enable_lora=True, max_lora_rank={train["rank"]}, max_loras=3)',
+        "loras = [LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(shipped_adapters().items())]",
+        'out = llm.chat([[{"role": "user", "content": "Why is the sky blue?"}]] * 3, '
+        "SamplingParams(temperature=0, max_tokens=64), lora_request=loras)",
+        "```", "",
+        "or `foreseer serve --enable-lora --max-lora-rank 8 --lora-modules uppercase=<directory> ...`.",
+    ]
+    sample = summary.get("eval", {}).get("sample")
+    if sample:
+        lines += ["", "## Sample (held-out question, greedy)", "", f"Question: {sample['question'][:300]!r}", ""]
+        for key in ["base", *summary["adapters"]]:
+            lines += [f"- {key}: `{sample[key]!r}`"]
+    with open(os.path.join(output_dir, "README.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainArgs()
+    parser.add_argument("--model", default=d.model, help="model name, GGUF file or HF directory")
+    parser.add_argument("--dataset", default=d.dataset, help="ShareGPT-format JSON")
+    parser.add_argument("--behaviours", nargs="+", default=d.behaviours, choices=list(BEHAVIOURS))
+    parser.add_argument("--num-examples", type=int, default=d.num_examples, help="training examples per adapter")
+    parser.add_argument("--skip-prompts", type=int, default=d.skip_prompts,
+                        help="dataset questions to skip first (benchmarks and other trainers use the first ones)")
+    parser.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="held-out questions")
+    parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    parser.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="length of the base answers")
+    parser.add_argument("--rank", type=int, default=d.rank)
+    parser.add_argument("--alpha", type=int, default=d.alpha)
+    parser.add_argument("--target-modules", nargs="+", default=d.target_modules)
+    parser.add_argument("--dropout", type=float, default=d.dropout)
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (default: torch's)")
+    parser.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib)
+    parser.add_argument("--data", default=d.data, help="JSON cache of the base model's answers (reused if present)")
+    parser.add_argument("--output-dir", default=d.output_dir,
+                        help="where the adapters' directories go (default: the shipped foreseer/lora/weights)")
+    parser.add_argument("--output-json", default=d.output_json)
+
+
+def main(args: argparse.Namespace) -> int:
+    fields = {f.name for f in dataclasses.fields(TrainArgs)} - {"command"}
+    run(TrainArgs(**{k: v for k, v in vars(args).items() if k in fields}, command=_command_line()))
+    return 0
+
+
+def _command_line() -> str:
+    program = sys.argv[0]
+    if os.path.abspath(program) == os.path.abspath(__file__):
+        head = ["python", "-m", "foreseer.lora.train"]
+    else:
+        head = [os.path.basename(program)]
+    return shlex.join(head + sys.argv[1:])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m foreseer.lora.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
