@@ -30,7 +30,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=2048)
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "mlfq", "s3"],
-                       help="sjf and s3 predict answer lengths with the length probe before admission")
+                       help="sjf and s3 predict answer lengths with the length probe at the end of each prefill")
     group.add_argument("--max-wait-s", type=float, default=10.0,
                        help="sjf, mlfq: a request waiting longer than this goes first (aging)")
     group.add_argument("--mlfq-levels", type=int, default=4)
@@ -206,7 +206,8 @@ def cmd_bench_lora(args: argparse.Namespace) -> int:
         zipf_alpha=args.zipf_alpha, num_prompts=args.num_prompts, skip_prompts=args.skip_prompts,
         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, ranks=args.ranks,
         target_modules=args.target_modules, shipped=not args.no_shipped, adapter_dir=args.adapter_dir,
-        adapter_seed=args.adapter_seed, naive=not args.no_naive, output_json=args.output_json, plot=args.plot,
+        adapter_seed=args.adapter_seed, naive=not args.no_naive, cold_start=args.cold_start,
+        output_json=args.output_json, plot=args.plot,
     ))
     return 0
 
@@ -368,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_lora.add_argument("--adapter-seed", type=int, default=0,
                             help="seed of the random adapters and of which adapter each request gets")
     bench_lora.add_argument("--no-naive", action="store_true", help="skip the merge-one-at-a-time baseline")
+    bench_lora.add_argument("--cold-start", action="store_true",
+                            help="time the adapters' disk reads too (default: the cell's adapters start in host "
+                                 "memory, as in S-LoRA's experiments)")
     bench_lora.add_argument("--output-json", default=None)
     bench_lora.add_argument("--plot", default=None, help="PNG of tok/s against the number of adapters")
     _add_engine_args(bench_lora)

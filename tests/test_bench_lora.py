@@ -44,6 +44,8 @@ def test_bench_lora_cli_reports_every_cell_and_matches_the_naive_way(tiny_llama,
         for run in ("lora", "naive"):
             assert row[run]["output_tokens"] == 6 * 8 and row[run]["output_tokens_per_s"] > 0
         assert row["naive"]["merges"] == row["distinct_adapters"]
+        # The cell's adapters were read into host memory before the clock started: none was read while timed.
+        assert row["lora"]["sync_loads"] == row["lora"]["prefetch_loads"] == 0 and row["lora"]["adapter_read_s"] > 0
         for ratio in ("ratio_to_base", "ratio_to_n1", "ratio_to_naive"):
             assert row[ratio] > 0
         # Batched LoRA gives, request for request, the greedy tokens of the adapter merged into the weights.

@@ -18,7 +18,6 @@ from foreseer import LLM, LoRARequest, SamplingParams
 from foreseer.cli import main
 from foreseer.lengths.dataset import LengthRecord
 from foreseer.lengths.lora import (
-    ADAPTER_FILES,
     LENGTH_QUESTION,
     TRAINING_FILE,
     LoraTrainConfig,
@@ -34,6 +33,7 @@ from foreseer.lengths.predictors import (
     instruction_prompt,
     parse_pia_length,
 )
+from foreseer.lora.finetune import ADAPTER_FILES
 
 QUESTIONS = ["hello world, how are you today?", "the quick brown fox jumps over the lazy dog.",
              "a paged cache keeps blocks of keys and values.", "answer in one sentence please.",

@@ -119,10 +119,11 @@ def test_shipped_adapters_are_small_peft_adapters():
     assert shipped_adapters("some-other-model") == {}
 
 
+# Prose questions: the adapters learned from prose answers (a code answer has no first sentence to keep).
 QUESTIONS = [
-    "What is the capital of France?",
+    "Explain how a refrigerator keeps food cold.",
     "Why is the sky blue?",
-    "How do I reverse a list in Python?",
+    "Describe a good breakfast.",
     "What are the benefits of regular exercise?",
 ]
 

@@ -6,19 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
-import peft
 import pytest
-import torch
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoModelForCausalLM
+from helpers import make_adapter, metrics, random_prompts, running_server
 
 from foreseer import LLM, LoRARequest, SamplingParams
 from foreseer.cli import lora_module
@@ -31,19 +24,6 @@ from foreseer.server import create_app
 
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 TINY = {"kv_cache_gib": 0.01}
-
-
-def make_adapter(base: str, directory: str, seed: int, **lora_config) -> str:
-    """A PEFT LoRA adapter with random weights (PEFT starts lora_B at zero, which would change nothing)."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(model, peft.LoraConfig(**lora_config))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +43,6 @@ def adapters(tiny_llama, tmp_path_factory) -> dict[str, LoRARequest]:
 def reference(tiny_llama) -> LLM:
     """Runs each request alone."""
     return LLM(tiny_llama, **TINY, enable_lora=True)
-
-
-def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def _alone(llm: LLM, prompts: list, loras: list, params: SamplingParams = PARAMS) -> list[list[int]]:
@@ -145,7 +120,7 @@ def test_waiting_requests_adapters_are_prefetched(tiny_llama, adapters, referenc
         return read(lora_request)
 
     manager._read = recording_read
-    prompts = _prompts(engine.model_config.vocab_size, [6, 9])
+    prompts = random_prompts(engine.model_config.vocab_size, [6, 9])
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     engine.add_request("first", prompts[0], params, lora_request=a)
     engine.add_request("second", prompts[1], params, lora_request=b)
@@ -187,7 +162,7 @@ def test_slots_limit_the_adapters_in_a_batch(tiny_llama, adapters, reference, lo
     engine.runner.execute = recording_execute
     loras = [adapters["a"], adapters["b"], None, adapters["c"], adapters["d"], adapters["a"], adapters["c"],
              adapters["b"], None, adapters["d"]]
-    prompts = _prompts(engine.model_config.vocab_size, [5, 17, 9, 30, 3, 12, 21, 7, 14, 26], seed=4)
+    prompts = random_prompts(engine.model_config.vocab_size, [5, 17, 9, 30, 3, 12, 21, 7, 14, 26], seed=4)
     outputs = llm.generate(prompts, PARAMS, use_tqdm=False, lora_request=loras)
     assert max(len(s) for s in per_step) == 2
     assert len(set().union(*per_step)) == 4
@@ -285,7 +260,7 @@ def test_unified_memory_shares_the_kv_pool(tiny_llama, adapters):
 
     # KV pressure takes idle adapters' pages before preempting anything: a base request needing every block.
     manager.load(c)
-    tokens = _prompts(engine.model_config.vocab_size, [300])[0]
+    tokens = random_prompts(engine.model_config.vocab_size, [300])[0]
     whole_pool = SamplingParams(max_tokens=512 - 300, ignore_eos=True)
     output = llm.generate([tokens], whole_pool, use_tqdm=False)[0]
     assert output.error is None and len(output.outputs[0].token_ids) == 212
@@ -308,7 +283,7 @@ def test_adapter_gone_from_disk_fails_its_requests_only(tiny_llama, adapters, re
     manager.load_to_host(doomed)
     manager.load_to_host(adapters["b"])  # evicts it from the host cache
     shutil.rmtree(path)
-    prompts = _prompts(engine.model_config.vocab_size, [4, 6], seed=9)
+    prompts = random_prompts(engine.model_config.vocab_size, [4, 6], seed=9)
     engine.add_request("doomed", prompts[0], PARAMS, lora_request=doomed)  # checked before: accepted
     engine.add_request("fine", prompts[1], PARAMS, lora_request=adapters["b"])
     outputs = {}
@@ -331,37 +306,9 @@ def test_lora_config_validation():
 # -- the server ---------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def lora_server(model: str, lora_modules: dict[str, str] | None = None,
-                **engine_args) -> Iterator[tuple[str, AsyncLLMEngine]]:
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig.from_kwargs(model, **engine_args)))
-    app = create_app(engine, lora_modules=lora_modules)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
-
-
-def _metrics(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(url + "/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def test_server_serves_adapters_by_name(tiny_llama, adapters, reference, tmp_path):
     modules = {"sql": adapters["a"].lora_path, "chat": adapters["b"].lora_path}
-    with lora_server(tiny_llama, modules, **TINY, enable_lora=True, max_loras=2) as (url, engine):
+    with running_server(tiny_llama, lora_modules=modules, **TINY, enable_lora=True, max_loras=2) as (url, engine):
         cards = httpx.get(url + "/v1/models").json()["data"]
         assert [(m["id"], m.get("parent"), m["root"]) for m in cards] == [
             (tiny_llama, None, tiny_llama), ("sql", tiny_llama, modules["sql"]), ("chat", tiny_llama, modules["chat"])]
@@ -419,7 +366,7 @@ def test_server_serves_adapters_by_name(tiny_llama, adapters, reference, tmp_pat
         assert httpx.post(url + "/v1/completions", json={**body, "model": "new"}).status_code == 404
         assert httpx.get(url + "/health").status_code == 200
 
-        samples = _metrics(url)
+        samples = metrics(url)
         assert samples[("foreseer_lora_adapters", (("tier", "device"),))] <= 2
         assert samples[("foreseer_lora_adapter_capacity", (("tier", "host"),))] == 16
         assert samples[("foreseer_lora_loads_total", (("mode", "prefetch"),))] >= 0
@@ -432,7 +379,7 @@ def test_server_without_lora(tiny_llama, adapters):
     with pytest.raises(ValueError, match="does not exist"):
         create_app(AsyncLLMEngine(LLMEngine(EngineConfig.from_kwargs(tiny_llama, **TINY, enable_lora=True))),
                    lora_modules={"a": "/no/such/adapter"})
-    with lora_server(tiny_llama, **TINY) as (url, _):
+    with running_server(tiny_llama, **TINY) as (url, _):
         response = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/x"})
         assert response.status_code == 400 and response.json()["error"]["code"] == "lora_not_enabled"
 

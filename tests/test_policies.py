@@ -66,15 +66,36 @@ def test_sjf_serves_shortest_predicted_remaining_first():
     s = _scheduler("sjf", max_num_seqs=1)
     long = _add(s, "long", 4, 0.0, max_tokens=30, predicted=30)
     _add(s, "short", 4, 1.0, max_tokens=5, predicted=5)
-    _add(s, "unpredicted", 4, 2.0, max_tokens=8)  # no prediction yet: ranks by its max_tokens
+    unpredicted = _add(s, "unpredicted", 4, 2.0, max_tokens=8)
     _add(s, "mid", 4, 3.0, max_tokens=12, predicted=12)
-    assert s.policy.key(long, 0.0) == (1, 30, 0.0)
+    assert s.policy.key(long, 0.0) == (2, 30, 0.0)
     long.token_ids += [7] * 26  # remaining is the prediction less the tokens generated, at least 0
-    assert s.policy.key(long, 0.0) == (1, 4, 0.0)
+    assert s.policy.key(long, 0.0) == (2, 4, 0.0)
     long.token_ids += [7] * 10
-    assert s.policy.key(long, 0.0) == (1, 0, 0.0)
+    assert s.policy.key(long, 0.0) == (2, 0, 0.0)
     del long.token_ids[4:]
-    assert _admission_order(s) == ["short", "unpredicted", "mid", "long"]
+    # Not predicted yet: first, for the prefill that predicts it; after its prefill (still no prediction in this
+    # engine-less test) it ranks by its max_tokens, so the shorter predictions pause it.
+    assert s.policy.key(unpredicted, 0.0) == (1, 2.0)
+    assert _admission_order(s) == ["unpredicted", "short", "mid", "long"]
+
+
+def test_sjf_pauses_for_a_shorter_request_and_prefills_new_ones_first():
+    """One seat: a new request pauses the running one for its prefill (its KV kept), then the shorter prediction
+    runs to the end before the longer one resumes, with no recompute."""
+    s = _scheduler("sjf", max_num_seqs=1)
+    long = _add(s, "long", 8, 0.0, max_tokens=10, predicted=10)
+    assert _step(s) == [("long", 8)]
+    assert _step(s) == [("long", 1)]
+    new = _add(s, "new", 8, 1.0, max_tokens=3)
+    assert _step(s) == [("new", 8)]  # the long one is paused, its blocks kept
+    assert long.status == RequestStatus.PREEMPTED and long.block_table
+    new.predicted_length = 3  # what the engine sets from the hidden state at the end of the prefill
+    assert _step(s) == [("new", 1)]
+    assert _step(s) == [("new", 1)]  # its third token finishes it
+    assert new.is_finished
+    assert _step(s) == [("long", 1)]  # resumed where it stopped
+    assert long.metrics.num_preemptions == 1 and long.num_output_tokens == 3
 
 
 def _wait_of_long_request(max_wait_s: float) -> float:
@@ -233,36 +254,45 @@ def _staggered_outputs(llm: LLM) -> dict[str, list[int]]:
 def test_policies_keep_greedy_outputs(tiny_llama, random_probe):
     roomy = LLM(tiny_llama, kv_cache_gib=0.01, block_size=4)
     expected = {rid: o.outputs[0].token_ids for rid, o in _staggered_outputs(roomy).items()}
-    # 30 blocks of 4 tokens and 3 seats: queueing, block shortages (preemptions under every policy), MLFQ pausing.
+    # 30 blocks of 4 tokens and 3 seats: queueing, block shortages (preemptions under every policy but s3, whose
+    # reservations avoid them), SJF and MLFQ pausing.
     kv_cache_gib = 30 * roomy.engine.runner.kv_bytes_per_block() / 2**30
+    preemptions = {}
     for policy in ("fcfs", "priority", "sjf", "mlfq", "s3"):
         llm = LLM(tiny_llama, kv_cache_gib=kv_cache_gib, block_size=4, max_num_seqs=3, max_num_batched_tokens=32,
                   scheduling_policy=policy, length_predictor=random_probe, mlfq_base_quantum=2,
                   mlfq_prefill_tokens_per_iteration=8)
         outputs = _staggered_outputs(llm)
         assert {rid: o.outputs[0].token_ids for rid, o in outputs.items()} == expected, policy
-        assert sum(o.metrics.num_preemptions for o in outputs.values()) > 0, policy
+        preemptions[policy] = sum(o.metrics.num_preemptions for o in outputs.values())
         blocks = llm.engine.block_manager
         assert blocks.num_free_blocks == blocks.num_blocks, policy
+    assert min(preemptions[p] for p in ("fcfs", "priority", "sjf", "mlfq")) > 0 and preemptions["s3"] == 0
 
 
-def test_lengths_are_predicted_at_arrival(tiny_llama, random_probe):
+def test_lengths_are_predicted_from_each_requests_own_prefill(tiny_llama, random_probe):
+    """SJF with one seat: each new request pauses the runner for its prefill, whose last hidden state gives its
+    prediction; no prompt is computed twice."""
     llm = LLM(tiny_llama, kv_cache_gib=0.01, block_size=4, max_num_seqs=1, scheduling_policy="sjf",
               length_predictor=random_probe)
     prompts = [list(range(5 + i, 20 + 5 * i)) for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         llm.engine.add_request(str(i), prompt, params)
-    llm.engine.step()
+    computed = []
+    execute = llm.engine.runner.execute
+    llm.engine.runner.execute = lambda sched: computed.append(sched.num_batched_tokens) or execute(sched)
     requests = [llm.engine.parents[str(i)].sequences[0].request for i in range(4)]
-    assert sum(r.status == RequestStatus.WAITING for r in requests) == 3
-    head = ProbeHead.load(random_probe, 64)
-    reference = head.predict(prompt_hidden_states(llm.engine, prompts), torch.tensor([len(p) for p in prompts]))
-    assert [r.predicted_length for r in requests] == reference and len(set(reference)) > 1
+    for step in range(4):
+        llm.engine.step()
+        assert [r.predicted_length is not None for r in requests] == [i <= step for i in range(4)]
     outputs = {}
     while llm.engine.has_unfinished_requests():
         outputs.update({o.request_id: o for o in llm.engine.step()})
-    assert [outputs[str(i)].predicted_length for i in range(4)] == reference
+    assert sum(computed) == sum(len(p) for p in prompts) + 4 * (4 - 1)  # the last token's KV is never computed
+    head = ProbeHead.load(random_probe, 64)
+    reference = head.predict(prompt_hidden_states(llm.engine, prompts), torch.tensor([len(p) for p in prompts]))
+    assert [outputs[str(i)].predicted_length for i in range(4)] == reference and len(set(reference)) > 1
 
 
 def test_policy_errors(tiny_llama):

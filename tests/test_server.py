@@ -13,52 +13,23 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import metrics, running_server
 
 from foreseer import LLM, SamplingParams
 from foreseer.bench.serve import ServeBenchArgs
 from foreseer.bench.serve import run as run_bench
 from foreseer.cli import main as cli_main
-from foreseer.config import EngineConfig
 from foreseer.engine.async_engine import AsyncLLMEngine
-from foreseer.engine.engine import LLMEngine
-from foreseer.server import create_app
 from foreseer.spec.cost_model import StepCostModel
 
 TINY_ENGINE = {"kv_cache_gib": 0.01}
 REAL_MODEL = "smollm2-135m-instruct"
-
-
-@contextmanager
-def running_server(model: str, max_waiting_requests: int = 256, api_key: str | None = None,
-                   **engine_args) -> Iterator[tuple[str, AsyncLLMEngine]]:
-    """A server on a free loopback port, in a thread; stops (and stops its engine) when the block ends."""
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig.from_kwargs(model, **engine_args)), max_waiting_requests)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=api_key), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop"
 
 
 def wait_until(condition, timeout_s: float = 10.0) -> bool:
@@ -83,13 +54,6 @@ def post_stream(url: str, path: str, body: dict) -> list[dict | str]:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         return list(sse_events(response.iter_lines()))
-
-
-def metrics(url: str) -> dict[tuple[str, tuple], float]:
-    """Every sample, keyed by name and sorted labels."""
-    text = httpx.get(url + "/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def engine_is_idle(engine: AsyncLLMEngine) -> bool:

@@ -403,6 +403,18 @@ def test_draft_depth_weighs_the_draft_models_own_steps():
     assert choose_draft_depth([0.6] * 8, [5] * 8, 8, reads, contexts=[4000] * 8, base_context=32000) == 0
 
 
+def test_drafting_needs_a_predicted_gain_beyond_the_cost_models_error():
+    from foreseer.spec.cost_model import MIN_PREDICTED_GAIN, choose_draft_depth
+
+    # One draft token per step at acceptance a, verification free, a draft step costing c of a target step:
+    # predicted rate (1 + a) / (1 + c) against 1 without drafting.
+    flat = StepCostModel([1, 1024], [0.04, 0.04])
+    draft_step = StepCostModel([1, 64], [0.04 * 0.2, 0.04 * 0.2])
+    below, above = (1 + MIN_PREDICTED_GAIN) * 1.2 - 1 - 0.01, (1 + MIN_PREDICTED_GAIN) * 1.2 - 1 + 0.01
+    assert choose_draft_depth([below], [1], 1, flat, draft_step) == 0  # a gain of under 5%: not worth the risk
+    assert choose_draft_depth([above], [1], 1, flat, draft_step) == 1
+
+
 def test_context_reads_are_priced_per_draft_node():
     reads = StepCostModel([1, 1024], [0.04, 0.04], seconds_per_context_token=1e-5)
     assert reads.cost(4, 1000) == pytest.approx(0.05)

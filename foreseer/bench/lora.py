@@ -4,11 +4,14 @@ against the naive way of serving many adapters (merge one into the weights, run 
 Every cell (N adapters, a popularity) runs the same chat-templated ShareGPT prompts, greedy, with a fixed number of
 new tokens (EOS ignored), so that every row generates the same number of tokens:
 
-- lora: one LLM(enable_lora=True) serves all requests at once (continuous batching), each with its adapter; the
-  adapters are unloaded before each cell (cold start: the disk reads are part of the time);
+- lora: one LLM(enable_lora=True) serves all requests at once (continuous batching), each with its adapter. Before
+  each cell every adapter is unloaded from every tier, then (as in S-LoRA's experiments, which keep all adapters in
+  host memory) the cell's adapters are read into the host cache, untimed (`adapter_read_s` records it); device
+  slots start empty, so slot placement and eviction are timed. `cold_start` times the disk reads too;
 - naive: the base engine (enable_lora=False) with one adapter at a time merged into its weights (exact: W += B A
   in the model's dtype, as PEFT merges), its requests run together, then the weights restored bit for bit from a
-  copy of the projections the adapter touched; merges and unmerges count in the time;
+  copy of the projections the adapter touched; merges and unmerges count in the time (disk reads only with
+  `cold_start`);
 - base: the base engine without any adapter (once).
 
 Adapters: the shipped real ones first (foreseer/lora/weights, for the default model only), then random PEFT
@@ -67,6 +70,7 @@ class LoRABenchArgs:
     adapter_dir: str | None = None  # where random adapters are written (default: a temporary directory, removed)
     adapter_seed: int = 0  # random adapters' weights and ranks, and which adapter each request gets
     naive: bool = True
+    cold_start: bool = False  # time the adapters' disk reads too (default: they are in host memory, as in S-LoRA)
     output_json: str | None = None
     plot: str | None = None
 
@@ -288,12 +292,19 @@ def run_base(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[RunRe
     return _result(elapsed, prompts, tokens), tokens
 
 
-def run_lora(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest],
-             max_tokens: int) -> tuple[RunResult, list[list[int]], dict]:
-    """All requests at once, each with its adapter, from a cold start (no adapter loaded in any tier)."""
+def run_lora(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest], max_tokens: int,
+             cold_start: bool) -> tuple[RunResult, list[list[int]], dict]:
+    """All requests at once, each with its adapter, with no adapter in a device slot, and the cell's adapters in
+    the host cache unless `cold_start` (nothing loaded in any tier)."""
     engine = llm.engine
-    for lora_id in list(engine.runner.lora.host_ids) + list(engine.runner.lora.loaded_ids):
+    manager = engine.runner.lora
+    for lora_id in list(manager.host_ids) + list(manager.loaded_ids):
         engine.unload_lora(lora_id)
+    read_start = time.perf_counter()
+    if not cold_start:
+        for lora in dict.fromkeys(loras):
+            manager.load_to_host(lora)
+    read_s = time.perf_counter() - read_start
     llm.reset_prefix_cache()
     before = engine.lora_stats()
     start = time.perf_counter()
@@ -303,21 +314,23 @@ def run_lora(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest],
     stats = {key: getattr(after, key) - getattr(before, key)
              for key in ("sync_loads", "prefetch_loads", "device_evictions", "host_evictions")}
     tokens = _tokens(outputs, "lora")
-    return _result(elapsed, prompts, tokens), tokens, stats
+    return _result(elapsed, prompts, tokens), tokens, {**stats, "adapter_read_s": read_s}
 
 
-def run_naive(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest],
-              max_tokens: int) -> tuple[RunResult, list[list[int]], dict]:
-    """One adapter at a time (in order of first use): merge it, run its requests together, unmerge."""
+def run_naive(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest], max_tokens: int,
+              cold_start: bool) -> tuple[RunResult, list[list[int]], dict]:
+    """One adapter at a time (in order of first use): merge it, run its requests together, unmerge. The adapters
+    are read before the clock starts unless `cold_start`."""
     model = llm.engine.runner.model
     tokens: list[list[int] | None] = [None] * len(prompts)
     merge_s = 0.0
     order = list(dict.fromkeys(loras))
+    read = {} if cold_start else {lora: read_adapter(model, lora.lora_path) for lora in order}
     start = time.perf_counter()
     for lora in order:
         indices = [i for i, other in enumerate(loras) if other == lora]
         merge_start = time.perf_counter()
-        adapter = read_adapter(model, lora.lora_path)
+        adapter = read.pop(lora, None) or read_adapter(model, lora.lora_path)
         llm.reset_prefix_cache()
         saved = merge_adapter(model, adapter)
         merge_s += time.perf_counter() - merge_start
@@ -368,7 +381,7 @@ def run(make_llm: LLMFactory, args: LoRABenchArgs) -> dict:
             "model": model_name, "threads": torch.get_num_threads(),
             "attention_backend": base_llm.engine.runner.backend.name,
             "num_prompts": len(prompts), "skip_prompts": args.skip_prompts, "max_tokens": args.max_tokens,
-            "ignore_eos": True, "max_prompt_tokens": args.max_prompt_tokens,
+            "ignore_eos": True, "max_prompt_tokens": args.max_prompt_tokens, "cold_start": args.cold_start,
             "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
             "max_loras": lora_llm.engine.config.lora.max_loras,
             "max_cpu_loras": lora_llm.engine.config.lora.max_cpu_loras, "max_lora_rank": max_rank,
@@ -390,14 +403,16 @@ def run(make_llm: LLMFactory, args: LoRABenchArgs) -> dict:
                 indices = assign_adapters(len(prompts), num, popularity, args.zipf_alpha, args.adapter_seed)
                 loras = [pool.request(i) for i in indices]
                 counts = Counter(indices)
-                lora, lora_tokens, lora_stats = run_lora(lora_llm, prompts, loras, args.max_tokens)
+                lora, lora_tokens, lora_stats = run_lora(lora_llm, prompts, loras, args.max_tokens,
+                                                         args.cold_start)
                 row = {"num_adapters": num, "popularity": popularity, "distinct_adapters": len(counts),
                        "max_requests_per_adapter": max(counts.values()),
                        "mean_rank": sum(pool.rank(i) for i in indices) / len(indices),
                        "lora": {**lora.as_dict(), **lora_stats},
                        "ratio_to_base": lora.output_tokens_per_s / base.output_tokens_per_s}
                 if args.naive:
-                    naive, naive_tokens, naive_stats = run_naive(base_llm, prompts, loras, args.max_tokens)
+                    naive, naive_tokens, naive_stats = run_naive(base_llm, prompts, loras, args.max_tokens,
+                                                                 args.cold_start)
                     mismatched = [i for i, (a, b) in enumerate(zip(lora_tokens, naive_tokens)) if a != b]
                     row["naive"] = {**naive.as_dict(), **naive_stats}
                     row["ratio_to_naive"] = lora.output_tokens_per_s / naive.output_tokens_per_s

@@ -55,6 +55,13 @@ def _wait_ready(process: subprocess.Popen, base_url: str, timeout_s: float) -> N
     raise ValueError(f"the server was not ready after {timeout_s:.0f} s")
 
 
+def _warm_up(base_url: str, timeout_s: float) -> None:
+    """One short request before the timed ones, so that no policy's first rate pays the server's first-call costs."""
+    model = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8}
+    httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=timeout_s).raise_for_status()
+
+
 def _bench_policy(policy: str, args: PolicyBenchArgs) -> list[dict]:
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
@@ -64,6 +71,7 @@ def _bench_policy(policy: str, args: PolicyBenchArgs) -> list[dict]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     try:
         _wait_ready(process, base_url, args.startup_timeout_s)
+        _warm_up(base_url, args.startup_timeout_s)
         results = []
         for rate in args.request_rates:
             serve = dataclasses.replace(args.serve, base_url=base_url, request_rate=rate, output_json=None)

@@ -3,8 +3,10 @@ and preemption. The scheduler calls the hooks and never asks which policy it run
 
 - fcfs: arrival order.
 - priority: lower `priority` first, then arrival.
-- sjf: shortest predicted remaining answer first, with aging: a request kept waiting longer than `max_wait_s`
-  goes before every other one, so no request starves behind a stream of shorter ones.
+- sjf: shortest predicted remaining answer first (shortest remaining processing time, preemptive for seats like
+  mlfq), with aging: a request kept waiting longer than `max_wait_s` goes before every other one until it
+  finishes, so no request starves behind a stream of shorter ones. The prediction comes from the end of the
+  request's own prefill (no extra forward pass), so a request not yet predicted goes first to have its prefill.
 - mlfq: FastServe's skip-join multi-level feedback queue (Wu et al., 2023): levels with doubling quanta, a new
   request joins the first level whose quantum covers its prefill, is demoted when it uses up a quantum, and is
   promoted to the top when it waits longer than `max_wait_s`. Preemptive for seats: a better-ranked waiting
@@ -27,7 +29,8 @@ from foreseer.engine.request import Request, RequestStatus
 
 class SchedulingPolicy(ABC):
     name: ClassVar[str]
-    needs_predicted_length: ClassVar[bool] = False  # the engine predicts answer lengths before admission
+    # The engine predicts each request's answer length from the hidden state at the end of its prefill.
+    needs_predicted_length: ClassVar[bool] = False
     # A waiting request whose key is smaller than a running one's takes its seat when max_num_seqs are running.
     preemptive: ClassVar[bool] = False
 
@@ -83,16 +86,31 @@ def _starved(request: Request, now: float, max_wait_s: float) -> bool:
 
 
 class SJFPolicy(SchedulingPolicy):
-    """Shortest predicted remaining length first; requests waiting longer than max_wait_s first of all."""
+    """Shortest predicted remaining length first; requests kept waiting longer than max_wait_s first of all."""
 
     name = "sjf"
     needs_predicted_length = True
+    preemptive = True
+
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        super().__init__(config)
+        # Starved requests keep their precedence until they finish: else each would be paused again right after
+        # it resumed, and wait another max_wait_s per step.
+        self.promoted: set[str] = set()
+
+    def on_schedule(self, waiting: list[Request], now: float) -> None:
+        self.promoted.update(r.request_id for r in waiting if _starved(r, now, self.config.max_wait_s))
 
     def key(self, request: Request, now: float) -> tuple:
-        if _starved(request, now, self.config.max_wait_s):
+        if request.request_id in self.promoted:
             return (0, request.metrics.arrival_time)
+        if request.predicted_length is None and request.num_computed_tokens < request.num_prompt_tokens:
+            return (1, request.metrics.arrival_time)  # its prefill, needed anyway, yields its prediction
         remaining = max(predicted_length(request) - request.num_output_tokens, 0)
-        return (1, remaining, request.metrics.arrival_time)
+        return (2, remaining, request.metrics.arrival_time)
+
+    def forget(self, request: Request) -> None:
+        self.promoted.discard(request.request_id)
 
 
 @dataclass

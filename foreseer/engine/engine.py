@@ -14,7 +14,6 @@ from foreseer.core.policies import get_policy
 from foreseer.core.scheduler import Scheduler
 from foreseer.engine.detokenizer import IncrementalDetokenizer
 from foreseer.engine.request import Request
-from foreseer.lengths.features import prompt_hidden_states
 from foreseer.lengths.probe import ProbeHead, default_probe_dir
 from foreseer.lora import LoRAAdapter, LoRAManager, LoRARequest
 from foreseer.lora.admission import LoRAAdmission
@@ -128,8 +127,8 @@ class LLMEngine:
                 return default_probe_dir(self.config.model)
             except ValueError as error:
                 raise ValueError(
-                    f"scheduling_policy {self.policy.name!r} needs length_predictor to predict answer lengths before "
-                    f"admission, and none was given: {error}; or give length_predictor=<directory of a trained "
+                    f"scheduling_policy {self.policy.name!r} needs length_predictor to predict answer lengths, "
+                    f"and none was given: {error}; or give length_predictor=<directory of a trained "
                     "probe head>") from error
         return default_probe_dir(self.config.model) if name == "probe" else name
 
@@ -248,8 +247,6 @@ class LLMEngine:
     # -- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns the outputs of requests that advanced."""
-        if self.policy.needs_predicted_length:
-            self._predict_waiting_lengths()
         if self.speculator is not None:
             self.speculator.propose(*self.scheduler.speculation_candidates())
         sched = self.scheduler.schedule()
@@ -295,34 +292,6 @@ class LLMEngine:
                 self._release_lora(parent)
             outputs.append(output)
         return outputs
-
-    def _predict_waiting_lengths(self) -> None:
-        """Predict the answer lengths of waiting requests that have none, before the policy ranks them: one
-        prefill of their prompts on borrowed KV blocks (which then stay in the prefix cache for their own
-        prefill). Prompts that do not fit in the free blocks or the step's budget wait for a later step; until
-        then the policy takes their max_tokens."""
-        free = self.block_manager.num_free_blocks
-        # At most one step's token budget of prompts per step, so that a burst of arrivals does not stall the
-        # running requests for one long prediction pass.
-        budget = self.config.scheduler.max_num_batched_tokens
-        parents: dict[str, _ParentRequest] = {}
-        for request in self.scheduler.waiting:
-            parent, _ = self._sequences[request.request_id]
-            num_tokens = len(parent.prompt_token_ids)
-            need = self.block_manager.blocks_needed(num_tokens)
-            if request.predicted_length is None and parent.request_id not in parents and need <= free:
-                if parents and num_tokens > budget:
-                    break
-                parents[parent.request_id] = parent
-                free -= need
-                budget -= num_tokens
-        if not parents:
-            return
-        prompts = [p.prompt_token_ids for p in parents.values()]
-        states = prompt_hidden_states(self, prompts).to(self.runner.device)
-        lengths = torch.tensor([len(p) for p in prompts], device=states.device)
-        for parent, length in zip(parents.values(), self.length_probe.predict(states, lengths)):
-            self._set_predicted_length(parent, length)
 
     def _predict_lengths(self, hidden_states: dict[str, torch.Tensor]) -> None:
         """A request's first hidden state comes from the end of its prefill: the probe reads it once."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from foreseer.lora.ops import LoRAPair, SlotLoRA, slot_lora
+
 # The Hugging Face projections an adapter may target, in a decoder layer's order.
 SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -32,7 +34,6 @@ UNSUPPORTED_OPTIONS = {
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (the adapter name appears only in memory).
 _TENSOR_NAME = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight")
 
-LoRAPair = tuple[torch.Tensor, torch.Tensor]  # A [rank, in], B [out, rank] with the scaling folded in
 
 
 @dataclass(frozen=True)
@@ -60,19 +61,25 @@ def base_targets(model: nn.Module) -> dict[str, TargetShape]:
 
 @dataclass
 class LoRAAdapter:
-    """An adapter's weights, per layer and projection here, one (A, B) per adapted shard (None where not adapted)."""
+    """An adapter's weights in host memory, per layer and projection here, already laid out as the batched LoRA
+    operations read them (foreseer/lora/ops.py): taking a device slot costs no conversion."""
 
     path: str
     rank: int
     scaling: float  # lora_alpha / rank, or lora_alpha / sqrt(rank) with use_rslora; folded into every B
     target_modules: list[str]  # the HF projections it adapts
     base_model_name_or_path: str | None  # what it was trained on, as its config says (informational)
-    weights: dict[tuple[int, str], list[LoRAPair | None]]
+    layout: dict[tuple[int, str], SlotLoRA]
+    num_shards: dict[str, int]  # projection here -> its shards (3 for qkv_proj)
+
+    @property
+    def weights(self) -> dict[tuple[int, str], list[LoRAPair | None]]:
+        """(A, B) per shard of each adapted projection (views), None where a shard is not adapted."""
+        return {key: weights.pairs(self.num_shards[key[1]]) for key, weights in self.layout.items()}
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for shards in self.weights.values()
-                   for pair in shards if pair is not None for t in pair)
+        return sum(weights.num_bytes for weights in self.layout.values())
 
 
 def load_adapter(path: str, targets: dict[str, TargetShape], num_layers: int, max_lora_rank: int,
@@ -104,6 +111,7 @@ def load_adapter(path: str, targets: dict[str, TargetShape], num_layers: int, ma
         raise ValueError(f"LoRA adapter {path!r} has no LoRA weights")
     weights: dict[tuple[int, str], list[LoRAPair | None]] = {}
     shards_per_module = Counter(t.module for t in targets.values())
+    out_sizes = module_out_sizes(targets)
     for (layer, name), pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             raise ValueError(f"LoRA adapter {path!r}: layer {layer} {name} has lora_{''.join(pair)} without its pair")
@@ -117,7 +125,16 @@ def load_adapter(path: str, targets: dict[str, TargetShape], num_layers: int, ma
         # Scaled before the cast to the model's dtype: a half-precision B is rounded once.
         shards[target.shard] = (a.to(dtype).contiguous(), (b.float() * scaling).to(dtype).contiguous())
     adapted = sorted({name for _, name in pairs}, key=SUPPORTED_MODULES.index)
-    return LoRAAdapter(path, rank, scaling, adapted, base, weights)
+    layout = {key: slot_lora(shards, out_sizes[key[1]], torch.device("cpu")) for key, shards in weights.items()}
+    return LoRAAdapter(path, rank, scaling, adapted, base, layout, dict(shards_per_module))
+
+
+def module_out_sizes(targets: dict[str, TargetShape]) -> dict[str, list[int]]:
+    """Each projection here -> its shards' output sizes, in shard order."""
+    out_sizes: dict[str, list[int]] = {}
+    for target in sorted(targets.values(), key=lambda t: t.shard):
+        out_sizes.setdefault(target.module, []).append(target.out_features)
+    return out_sizes
 
 
 def _read_config(path: str) -> dict:

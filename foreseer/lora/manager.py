@@ -28,7 +28,7 @@ from torch import nn
 
 from foreseer.config import LoRAConfig
 from foreseer.lora import ops
-from foreseer.lora.adapter import LoRAAdapter, base_targets, load_adapter
+from foreseer.lora.adapter import LoRAAdapter, base_targets, load_adapter, module_out_sizes
 from foreseer.lora.context import LoRABatch
 from foreseer.lora.request import LoRARequest
 
@@ -63,6 +63,7 @@ class LoRAStats:
 class _Resident:
     slot: int
     adapter: LoRAAdapter
+    weights: dict[tuple[int, str], ops.SlotLoRA]  # (layer, projection) -> its weights on the compute device
     pages: list[int] = field(default_factory=list)  # KV blocks reserved for it (unified memory)
 
 
@@ -73,9 +74,7 @@ class LoRAManager:
         self.device, self.dtype = device, dtype
         self.targets = base_targets(model)
         self.num_layers = len(model.model.layers)
-        self.out_sizes: dict[str, list[int]] = {}  # projection -> its shards' output sizes
-        for target in sorted(self.targets.values(), key=lambda t: t.shard):
-            self.out_sizes.setdefault(target.module, []).append(target.out_features)
+        self.out_sizes = module_out_sizes(self.targets)  # projection -> its shards' output sizes
         self.use_triton = device.type == "cuda" and importlib.util.find_spec("triton") is not None
         self.unified = config.lora_memory == "unified"
         self.page_bytes = page_bytes  # a KV block's bytes: the page size of unified memory
@@ -299,17 +298,16 @@ class LoRAManager:
         return LoRABatch(stacks, groups, self.use_triton)
 
     def _packed(self) -> dict[tuple[int, str], ops.LoRAStack]:
-        # Every slot's adapter packed at its own rank; rebuilt whenever a slot changes (build_stack concatenates
-        # the slots, so one slot's change moves the others' offsets).
+        # Assembled from the residents' device weights, made when each took its slot: a slot's change costs no
+        # copy of the other adapters.
         if self._stacks is None:
-            adapters = [None if i is None else self._device[i].adapter for i in self._slots]
+            residents = [None if i is None else self._device[i] for i in self._slots]
             self._stacks = {}
             for layer in range(self.num_layers):
                 for module, out_sizes in self.out_sizes.items():
-                    stack = ops.build_stack([None if a is None else a.weights.get((layer, module)) for a in adapters],
-                                            out_sizes, self.device)
-                    if stack is not None:
-                        self._stacks[layer, module] = stack
+                    slots = [None if r is None else r.weights.get((layer, module)) for r in residents]
+                    if any(slots):
+                        self._stacks[layer, module] = ops.LoRAStack(slots, out_sizes)
         return self._stacks
 
     # -- internals -----------------------------------------------------------------------------------------
@@ -400,7 +398,8 @@ class LoRAManager:
         reserved = self.block_manager.reserve(pages) if pages else []
         slot = self._slots.index(None)
         self._slots[slot] = lora_id
-        self._device[lora_id] = _Resident(slot, adapter, reserved)
+        weights = {key: slot_weights.to(self.device) for key, slot_weights in adapter.layout.items()}
+        self._device[lora_id] = _Resident(slot, adapter, weights, reserved)
         self._stacks = None
         self._trim_host()
         return True

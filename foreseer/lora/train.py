@@ -16,27 +16,22 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
-import random
 import re
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from foreseer.bench.data import DEFAULT_DATASET, chat_prompt_ids, load_sharegpt_turns
+from foreseer.lora.finetune import ADAPTER_FILES, FinetuneConfig, end_token, finetune
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TRAINING_FILE = "training.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Packaged model name -> behaviour -> directory of its adapter under WEIGHTS_DIR.
@@ -201,117 +196,6 @@ def usable(record: AnswerRecord, behaviours: Sequence[Behaviour]) -> bool:
 # -- training -----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class AdapterTrainConfig:
-    rank: int = 8
-    alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    dropout: float = 0.05
-    epochs: int = 2
-    lr: float = 2e-3
-    batch_size: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("rank", "alpha", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not self.lr > 0 or not 0 <= self.dropout < 1 or not self.target_modules:
-            raise ValueError("lr must be > 0, dropout in [0, 1) and target_modules non-empty")
-
-
-def end_token(tokenizer) -> int:
-    """The chat template's end of turn (<|im_end|>) if the vocabulary has it, else EOS."""
-    vocab = tokenizer.get_vocab()
-    return vocab["<|im_end|>"] if "<|im_end|>" in vocab else tokenizer.eos_token_id
-
-
-def target_loss(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens of right-padded (prompt, target) pairs; the LM head runs on the
-    target positions only."""
-    width = max(len(p) + len(t) for p, t in examples)
-    ids, mask, rows, positions, targets = [], [], [], [], []
-    for row, (prompt, target) in enumerate(examples):
-        pad = width - len(prompt) - len(target)
-        ids.append(prompt + target + [pad_id] * pad)
-        mask.append([1] * (len(prompt) + len(target)) + [0] * pad)
-        rows += [row] * len(target)
-        positions += range(len(prompt) - 1, len(prompt) + len(target) - 1)
-        targets += target
-    hidden = model.model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
-    logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(positions)]).float()
-    return F.cross_entropy(logits, torch.tensor(targets))
-
-
-def train_adapter(hf_model, examples: Sequence[tuple[list[int], list[int]]], output_dir: str,
-                  config: AdapterTrainConfig, pad_id: int, base_model: str | None = None, log=print) -> dict:
-    """Train a LoRA adapter on a copy of `hf_model` (transformers, float32; left untouched) and save it in PEFT
-    format (ADAPTER_FILES) in output_dir; returns a summary of the training."""
-    from peft import LoraConfig, get_peft_model
-
-    if not examples:
-        raise ValueError("no training examples")
-    torch.manual_seed(config.seed)
-    peft_model = get_peft_model(copy.deepcopy(hf_model), LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-        target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM"))
-    inner = peft_model.get_base_model()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    rng = random.Random(config.seed)
-    steps = config.epochs * -(-len(examples) // config.batch_size)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / steps))
-    losses, epoch_losses = [], []
-    start = time.perf_counter()
-    peft_model.train()
-    for epoch in range(config.epochs):
-        # Batches of examples of similar length (little padding), in random order.
-        order = sorted(range(len(examples)), key=lambda i: (sum(map(len, examples[i])), rng.random()))
-        batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-        rng.shuffle(batches)
-        total, count = 0.0, 0
-        for batch in batches:
-            loss = target_loss(inner, [examples[i] for i in batch], pad_id)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            total += loss.item() * len(batch)
-            count += len(batch)
-        epoch_losses.append(total / count)
-        if log is not None:
-            log(f"  epoch {epoch + 1}/{config.epochs}: mean loss {epoch_losses[-1]:.4f} "
-                f"({time.perf_counter() - start:.0f} s)")
-    peft_model.eval()
-    save_peft_adapter(peft_model, output_dir, base_model)
-    return {"num_examples": len(examples), "example_tokens": sum(len(p) + len(t) for p, t in examples),
-            "target_tokens": sum(len(t) for _, t in examples), "steps": len(losses),
-            "train_s": round(time.perf_counter() - start, 1), "epoch_losses": [round(x, 4) for x in epoch_losses],
-            "first_losses": [round(x, 3) for x in losses[:5]], "last_losses": [round(x, 3) for x in losses[-5:]]}
-
-
-def save_peft_adapter(peft_model, output_dir: str, base_model: str | None = None) -> None:
-    """The adapter's two PEFT files into output_dir and nothing else (PEFT would also write a model card);
-    base_model, if given, becomes base_model_name_or_path."""
-    os.makedirs(output_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        peft_model.save_pretrained(scratch, save_embedding_layers=False)
-        config_path = os.path.join(scratch, "adapter_config.json")
-        if base_model is not None:
-            with open(config_path) as f:
-                adapter_config = json.load(f)
-            adapter_config["base_model_name_or_path"] = base_model
-            with open(config_path, "w") as f:
-                json.dump(adapter_config, f, indent=2, sort_keys=True)
-                f.write("\n")
-        for name in ADAPTER_FILES:
-            shutil.copyfile(os.path.join(scratch, name), os.path.join(output_dir, name))
-
-
 def training_examples(tokenizer, records: Sequence[AnswerRecord], behaviour: Behaviour,
                       max_prompt_tokens: int) -> list[tuple[list[int], list[int]]]:
     """(chat prompt, target + end of turn) token ids of every record the behaviour can use."""
@@ -457,9 +341,9 @@ def run(args: TrainArgs, log=print) -> dict:
         raise ValueError(f"behaviours must be among {', '.join(BEHAVIOURS)}, got {args.behaviours}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = AdapterTrainConfig(rank=args.rank, alpha=args.alpha, target_modules=tuple(args.target_modules),
-                                dropout=args.dropout, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                seed=args.seed)
+    config = FinetuneConfig(rank=args.rank, alpha=args.alpha, target_modules=tuple(args.target_modules),
+                            dropout=args.dropout, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                            seed=args.seed)
     behaviours = [BEHAVIOURS[name] for name in args.behaviours]
     output_dir = args.output_dir or WEIGHTS_DIR
     llm = LLM(args.model, kv_cache_gib=args.kv_cache_gib, enable_lora=True, max_lora_rank=max(args.rank, 8),
@@ -484,7 +368,7 @@ def run(args: TrainArgs, log=print) -> dict:
         directory = adapter_dir(output_dir, args.model, behaviour.name)
         examples = training_examples(tokenizer, records, behaviour, args.max_prompt_tokens)
         log(f"training {behaviour.name} ({behaviour.description}) on {len(examples)} examples -> {directory}")
-        record = train_adapter(hf_model, examples, directory, config, pad_id, base_model=args.model, log=log)
+        record = finetune(hf_model, examples, directory, config, pad_id, base_model=args.model, log=log)
         record = {"behaviour": behaviour.name, "description": behaviour.description, **record,
                   "sample_target": tokenizer.decode(examples[0][1][:-1])}
         summary["adapters"][behaviour.name] = record

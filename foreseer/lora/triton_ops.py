@@ -117,14 +117,15 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, groups: KernelGroups, stack: LoRA
     # float32 models get float32 products (TF32 would round the delta); half precision takes the default.
     precision = "ieee" if x.dtype == torch.float32 else None
     h = torch.empty(x.shape[0], stack.max_rank, dtype=torch.float32, device=x.device)
+    packed = stack.packed
     _shrink_kernel[(num_groups, m_blocks, triton.cdiv(stack.max_rank, BLOCK_R))](
-        x, stack.a, h, groups.rows, groups.starts, groups.lengths, groups.slots, stack.slot_meta, x.shape[1],
-        x.stride(0), stack.a.stride(0), h.stride(0), BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+        x, packed.a, h, groups.rows, groups.starts, groups.lengths, groups.slots, packed.slot_meta, x.shape[1],
+        x.stride(0), packed.a.stride(0), h.stride(0), BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
         PRECISION=precision,
     )
     n_blocks = triton.cdiv(max(stack.out_sizes), BLOCK_N)
     _expand_kernel[(num_groups, m_blocks, len(stack.out_sizes) * n_blocks)](
-        h, stack.b, y, groups.rows, groups.starts, groups.lengths, groups.slots, stack.shard_meta, stack.shard_out,
+        h, packed.b, y, groups.rows, groups.starts, groups.lengths, groups.slots, packed.shard_meta, packed.shard_out,
         len(stack.out_sizes), n_blocks, h.stride(0), y.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K, PRECISION=precision,
     )

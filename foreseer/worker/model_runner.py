@@ -13,6 +13,7 @@ from torch import nn
 from foreseer.attention import AttentionBackend, AttentionMetadata, PrefillSegment, forward_context, get_backend
 from foreseer.config import EngineConfig
 from foreseer.core.output import ModelRunnerOutput, SchedulerOutput
+from foreseer.engine.request import Request
 from foreseer.lora import LoRAManager, lora_context
 from foreseer.models.config import ModelConfig
 from foreseer.models.loader import ModelSource, iter_weights
@@ -97,7 +98,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         # Decode rows first (one-token decodes and chains to verify): the backend attends over them as one batch.
-        items = sorted(sched.scheduled, key=lambda s: not _decodes(s.num_new_tokens - len(s.draft), s.draft))
+        # Within each kind, requests of one LoRA adapter side by side: each adapter's rows are one slice.
+        items = sorted(sched.scheduled, key=lambda s: (not _decodes(s.num_new_tokens - len(s.draft), s.draft),
+                                                       _lora_id(s.request)))
         segments = []
         sample_requests = []
         sample_drafts = []
@@ -232,6 +235,10 @@ def prepare_batch(segments: Sequence[Segment], block_size: int, device: torch.de
         block_size=block_size,
     )
     return Batch(tensor(input_ids), tensor(positions), metadata, sample_index, sample_slots)
+
+
+def _lora_id(request: Request) -> int:
+    return 0 if request.lora_request is None else request.lora_request.lora_int_id
 
 
 def _decodes(num_real: int, draft: DraftTree) -> bool:
