@@ -278,10 +278,11 @@ def test_speculation_under_preemption_keeps_outputs_and_leaks_no_blocks(tiny_lla
 
 
 def test_sampled_requests_speculate_and_follow_their_seed(tiny_llama):
-    spec = _speculating_llm(tiny_llama, kv_cache_gib=0.01, block_size=4)
-    prompt = spec.tokenizer.encode("the quick brown fox jumps over the lazy dog. " * 3)
+    # Two engines in the same state: what a seeded request draws depends on which drafts it verifies, and an
+    # engine drafts by the acceptance it has measured so far.
     params = SamplingParams(temperature=0.8, top_k=20, max_tokens=40, ignore_eos=True, seed=5)
-    first, second = (spec.generate([prompt], params, use_tqdm=False)[0] for _ in range(2))
+    first, second = (_speculating_llm(tiny_llama, kv_cache_gib=0.01, block_size=4).generate(
+        [list(range(5, 20)) * 3], params, use_tqdm=False)[0] for _ in range(2))
     assert first.outputs[0].token_ids == second.outputs[0].token_ids
     assert len(first.outputs[0].token_ids) == 40
     assert first.metrics.num_verifications > 0
@@ -302,6 +303,28 @@ def test_real_model_prompt_lookup_is_exact_and_accepts_on_a_rewrite_task(real_ll
     # This small model paraphrases more than it copies: about 0.3 of drafted tokens and 2 tokens a step.
     assert spec.engine.spec_stats.acceptance_rate > 0.2
     assert spec.engine.spec_stats.mean_accepted_length > 1.5
+
+
+@pytest.mark.slow
+def test_real_model_int8_self_draft_agrees_after_a_long_prompt(real_llm):
+    """The int8 draft's prefill must not spoil its KV: the CPU's int8 GEMM takes one activation scale per call,
+    and a prompt's first tokens' huge activations once left no draft token accepted on these prompts."""
+    from foreseer.bench.data import DEFAULT_DATASET
+    from foreseer.bench.spec import SpecBenchArgs, build_prompt_sets
+    from foreseer.engine.request import Request
+
+    prompts = build_prompt_sets(real_llm.tokenizer, SpecBenchArgs(DEFAULT_DATASET, num_prompts=3))["grounded"]
+    spec = LLM("smollm2-135m-instruct", kv_cache_gib=0.25, speculative_config={"method": "draft"})
+    proposer = spec.engine.speculator.proposer
+    proposer.threshold = 0.0  # draft the full depth, whatever the confidence
+    params = SamplingParams(temperature=0, max_tokens=6)
+    agreed = 0
+    for i, prompt in enumerate(prompts):
+        expected = real_llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        (draft,) = proposer.propose([Request(str(i), prompt + expected[:1], params, 6, set(), arrival_time=0.0)], [5])
+        assert draft.token_ids[0] == expected[1]  # from the prefill's logits: the float weights, exact
+        agreed += sum(a == b for a, b in zip(draft.token_ids, expected[1:]))
+    assert agreed >= 0.6 * 5 * len(prompts)
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +359,9 @@ def test_draft_model_speculation_equals_plain_decoding(tiny_llama, tiny_llama_si
     outputs, _ = _run_staggered(llm, prompts, params)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
     stats = llm.engine.spec_stats
-    assert stats.num_verifications > 50
+    # Even the random sibling (no draft accepted) is verified a few dozen times before its acceptance, measured
+    # against the cost model's 5% margin, turns drafting off.
+    assert stats.num_verifications > 30
     if spec.get("draft_quantization") == "none" and "draft_model" not in spec:
         # The target drafting for itself: every draft is accepted, and the confidence bar only ever falls.
         assert stats.acceptance_rate > 0.95 and stats.mean_accepted_length > 3

@@ -72,17 +72,22 @@ class DraftModelProposer(DraftProposer):
     prior_acceptance = 0.8  # a model that imitates the target (its int8 self, a smaller sibling) mostly agrees
 
     def __init__(self, config: SpeculativeConfig, model: nn.Module, backend: AttentionBackend, num_blocks: int,
-                 block_size: int, device: torch.device, dtype: torch.dtype, quantized: bool = False) -> None:
+                 block_size: int, device: torch.device, dtype: torch.dtype,
+                 float_model: nn.Module | None = None) -> None:
         self.model = model
+        # With int8 weights: the same model in float over the same KV cache, for prefills (see _run).
+        self.float_model = float_model
         self.backend = backend
         self.device = device
         self.block_size = block_size
-        self.quantized = quantized  # a quantized lm_head is a module to call, not a weight to multiply by
         cfg = model.config
         caches = backend.allocate_kv_cache(len(model.attention_layers()), num_blocks, block_size,
                                            cfg.num_key_value_heads, cfg.head_dim, dtype, device)
         for attention, cache in zip(model.attention_layers(), caches):
             attention.kv_cache = cache
+        if float_model is not None:
+            for attention, cache in zip(float_model.attention_layers(), caches):
+                attention.kv_cache = cache
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.sequences: dict[str, tuple[Request, _DraftSequence]] = {}
         self.threshold = config.draft_confidence
@@ -104,11 +109,11 @@ class DraftModelProposer(DraftProposer):
                 raise ValueError(f"draft model {config.draft_model!r} has a vocabulary of {draft_config.vocab_size} "
                                  f"tokens, the target {runner.model_config.vocab_size}: they must share a tokenizer")
             model = load_model(draft_config, source, runner.device, runner.dtype)
-        quantized = config.draft_quantization == "int8"
-        if quantized:
-            model = quantize_linears_int8(model)
+        float_model = None
+        if config.draft_quantization == "int8":
+            float_model, model = model, quantize_linears_int8(shared_copy(model))
         return cls(config, model, runner.backend, runner.num_blocks, runner.block_size, runner.device, runner.dtype,
-                   quantized).timed(runner)
+                   float_model).timed(runner)
 
     def timed(self, runner: ModelRunner) -> DraftModelProposer:
         """Time the draft model's steps, which the engine weighs against what its drafts save."""
@@ -119,7 +124,8 @@ class DraftModelProposer(DraftProposer):
         return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float() if self.quantized else self.model.compute_logits(hidden)
+        # A quantized lm_head is a module to call, not a weight to multiply by.
+        return self.model.lm_head(hidden).float() if self.float_model is not None else self.model.compute_logits(hidden)
 
     # -- drafting -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -206,13 +212,32 @@ class DraftModelProposer(DraftProposer):
         return Segment(new, valid, seq.block_table)
 
     def _run(self, segments) -> torch.Tensor:
-        """Logits [len(segments), V] at each segment's last token."""
+        """Logits [len(segments), V] at each segment's last token.
+
+        With int8 weights, prefills (segments of several tokens) run on the float weights: the CPU's int8 GEMM
+        quantizes all of a call's activations with one scale, and a prompt's first tokens carry activations far
+        larger than the rest's, which left the other tokens' KV too coarse to draft from (no draft token accepted
+        on 300-token prompts)."""
+        if self.float_model is None:
+            return self._forward(self.model, segments, self.logits)
+        prefills = [i for i, s in enumerate(segments) if len(s.token_ids) > 1]
+        if not prefills:
+            return self._forward(self.model, segments, self.logits)
+        steps = [i for i, s in enumerate(segments) if len(s.token_ids) == 1]
+        logits = self._forward(self.float_model, [segments[i] for i in prefills], self.float_model.compute_logits)
+        if steps:
+            logits = torch.cat([logits, self._forward(self.model, [segments[i] for i in steps], self.logits)])
+        order = torch.empty(len(segments), dtype=torch.long, device=logits.device)
+        order[torch.tensor(prefills + steps, device=logits.device)] = torch.arange(len(segments), device=logits.device)
+        return logits[order]
+
+    def _forward(self, model: nn.Module, segments, logits) -> torch.Tensor:
         from foreseer.worker.model_runner import prepare_batch
 
         batch = prepare_batch(segments, self.block_size, self.device)
         with forward_context(self.backend, batch.metadata):
-            hidden = self.model(batch.input_ids, batch.positions)
-        return self.logits(hidden[torch.tensor(batch.sample_index, device=self.device)])
+            hidden = model(batch.input_ids, batch.positions)
+        return logits(hidden[torch.tensor(batch.sample_index, device=self.device)])
 
     def catch_up_tokens(self, request: Request) -> int:
         # An estimate without the prefix check: drafts that get rejected are a few tokens more.
