@@ -75,8 +75,9 @@ class DraftModelProposer(DraftProposer):
                  block_size: int, device: torch.device, dtype: torch.dtype,
                  float_model: nn.Module | None = None) -> None:
         self.model = model
-        # With int8 weights: the same model in float over the same KV cache, for prefills (see _run).
+        # With int8 weights: the same model in float over the same KV cache, for prompts' prefills (see _run).
         self.float_model = float_model
+        self.catch_up_on_target_weights = float_model is not None
         self.backend = backend
         self.device = device
         self.block_size = block_size
@@ -214,16 +215,16 @@ class DraftModelProposer(DraftProposer):
     def _run(self, segments) -> torch.Tensor:
         """Logits [len(segments), V] at each segment's last token.
 
-        With int8 weights, prefills (segments of several tokens) run on the float weights: the CPU's int8 GEMM
-        quantizes all of a call's activations with one scale, and a prompt's first tokens carry activations far
-        larger than the rest's, which left the other tokens' KV too coarse to draft from (no draft token accepted
-        on 300-token prompts)."""
+        With int8 weights, segments from a prompt's start run on the float weights: the CPU's int8 GEMM quantizes
+        all of a call's activations with one scale, and a prompt's first tokens carry activations far larger than
+        the rest's, which left the other tokens' KV too coarse to draft from (no draft token accepted on
+        300-token prompts). Later catch-ups (a few tokens after a verification) stay on int8."""
         if self.float_model is None:
             return self._forward(self.model, segments, self.logits)
-        prefills = [i for i, s in enumerate(segments) if len(s.token_ids) > 1]
+        prefills = [i for i, s in enumerate(segments) if s.start == 0]
         if not prefills:
             return self._forward(self.model, segments, self.logits)
-        steps = [i for i, s in enumerate(segments) if len(s.token_ids) == 1]
+        steps = [i for i, s in enumerate(segments) if s.start > 0]
         logits = self._forward(self.float_model, [segments[i] for i in prefills], self.float_model.compute_logits)
         if steps:
             logits = torch.cat([logits, self._forward(self.model, [segments[i] for i in steps], self.logits)])

@@ -25,6 +25,8 @@ class DraftProposer(ABC):
     needs_hidden_states = False
     # Proposers that run a model of their own time its steps: the engine weighs them against what drafts save.
     draft_step_cost: StepCostModel | None = None
+    # A draft model whose prompt prefills run on the target's own weights: they cost what target steps cost.
+    catch_up_on_target_weights = False
     prior_acceptance = 0.5  # per-token acceptance expected before any verification
 
     @classmethod

@@ -61,6 +61,8 @@ class Speculator:
         draft_cost = self.proposer.draft_step_cost
         if draft_cost is None:
             return 0.0
+        if self.proposer.catch_up_on_target_weights:
+            draft_cost = self.cost
         seconds = 0.0
         for request, rate in zip(requests, acceptance):
             missing = self.proposer.catch_up_tokens(request)
