@@ -305,26 +305,36 @@ def test_real_model_prompt_lookup_is_exact_and_accepts_on_a_rewrite_task(real_ll
     assert spec.engine.spec_stats.mean_accepted_length > 1.5
 
 
+NETWORK_TEXT = (
+    "To set up a small home network, start with the modem your internet provider gives you and connect a router to "
+    "it with an Ethernet cable. Place the router in a central spot, away from thick walls and metal objects, so "
+    "that its wireless signal reaches every room. Log in to the router's administration page from a browser, "
+    "change the default password, and choose a strong passphrase for the wireless network using WPA3 or at least "
+    "WPA2 encryption. Update the router's firmware, because manufacturers fix security holes regularly. If some "
+    "rooms still have a weak signal, add a mesh node or a wired access point rather than a cheap repeater. "
+    "Finally, give fixed addresses to devices such as printers and network storage, and turn off features you do "
+    "not use, such as remote administration and WPS.")
+
+
 @pytest.mark.slow
 def test_real_model_int8_self_draft_agrees_after_a_long_prompt(real_llm):
     """The int8 draft's prefill must not spoil its KV: the CPU's int8 GEMM takes one activation scale per call,
-    and a prompt's first tokens' huge activations once left no draft token accepted on these prompts."""
-    from foreseer.bench.data import DEFAULT_DATASET
-    from foreseer.bench.spec import SpecBenchArgs, build_prompt_sets
+    and a prompt's first tokens' huge activations once made it draft [2994, 260, ...] for [932, 614, ...] here."""
     from foreseer.engine.request import Request
 
-    prompts = build_prompt_sets(real_llm.tokenizer, SpecBenchArgs(DEFAULT_DATASET, num_prompts=3))["grounded"]
     spec = LLM("smollm2-135m-instruct", kv_cache_gib=0.25, speculative_config={"method": "draft"})
     proposer = spec.engine.speculator.proposer
     proposer.threshold = 0.0  # draft the full depth, whatever the confidence
     params = SamplingParams(temperature=0, max_tokens=6)
     agreed = 0
-    for i, prompt in enumerate(prompts):
+    for task in ("Rewrite", "Summarize"):
+        prompt = real_llm.apply_chat_template([{"role": "user", "content": f"{task} the following text:\n\n"
+                                                                             f"{NETWORK_TEXT}"}])
         expected = real_llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
-        (draft,) = proposer.propose([Request(str(i), prompt + expected[:1], params, 6, set(), arrival_time=0.0)], [5])
+        (draft,) = proposer.propose([Request(task, prompt + expected[:1], params, 6, set(), arrival_time=0.0)], [5])
         assert draft.token_ids[0] == expected[1]  # from the prefill's logits: the float weights, exact
         agreed += sum(a == b for a, b in zip(draft.token_ids, expected[1:]))
-    assert agreed >= 0.6 * 5 * len(prompts)
+    assert agreed >= 7  # of 10
 
 
 @pytest.fixture(scope="module")
