@@ -72,12 +72,17 @@ def build_prompt_sets(tokenizer, args: SpecBenchArgs) -> dict[str, list[list[int
 def run_interleaved(llms: dict[str, LLM], prompts: list[list[int]], batch_size: int,
                     max_tokens: int) -> dict[str, tuple[RunResult, list[list[int]]]]:
     """`batch_size` requests in flight together: one generate call per slice of the prompts. Every engine runs a
-    slice before the next slice starts, so that a change in load on this shared machine hits them all alike."""
+    slice before the next slice starts, so that a change in load on this shared machine hits them all alike, and
+    the engines take turns going first (in a fixed order, an engine that drafted nothing read 0.94x of the baseline
+    at batch 8; rotated, 0.99x)."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     elapsed = dict.fromkeys(llms, 0.0)
     tokens: dict[str, list[list[int]]] = {name: [] for name in llms}
-    for i in range(0, len(prompts), batch_size):
-        for name, llm in llms.items():
+    names = list(llms)
+    for slice_index, i in enumerate(range(0, len(prompts), batch_size)):
+        shift = slice_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            llm = llms[name]
             start = time.perf_counter()
             outputs = llm.generate(prompts[i:i + batch_size], params, use_tqdm=False)
             elapsed[name] += time.perf_counter() - start
