@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import re
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from foreseer.bench.data import DEFAULT_DATASET, chat_prompt_ids, load_sharegpt_turns
+from foreseer.commands import args_dataclass
 from foreseer.lora.finetune import ADAPTER_FILES, FinetuneConfig, end_token, finetune
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
@@ -486,18 +486,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    fields = {f.name for f in dataclasses.fields(TrainArgs)} - {"command"}
-    run(TrainArgs(**{k: v for k, v in vars(args).items() if k in fields}, command=_command_line()))
+    run(args_dataclass(TrainArgs, args, "foreseer.lora.train", __file__))
     return 0
-
-
-def _command_line() -> str:
-    program = sys.argv[0]
-    if os.path.abspath(program) == os.path.abspath(__file__):
-        head = ["python", "-m", "foreseer.lora.train"]
-    else:
-        head = [os.path.basename(program)]
-    return shlex.join(head + sys.argv[1:])
 
 
 if __name__ == "__main__":

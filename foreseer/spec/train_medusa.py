@@ -12,11 +12,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from tqdm import tqdm
 
 from foreseer.bench.data import DEFAULT_DATASET, chat_prompt_ids, load_sharegpt_questions
 from foreseer.bench.report import write_json
+from foreseer.commands import args_dataclass
 from foreseer.spec.medusa import MedusaConfig, MedusaHeads
 
 IGNORE = -100  # cross_entropy's ignore_index: no target (past the end of the answer)
@@ -296,21 +295,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    # "command" is skipped: the CLI's sub-command name lives under that key.
-    fields = {f.name for f in dataclasses.fields(TrainMedusaArgs)} - {"command"}
-    options = {k: v for k, v in vars(args).items() if k in fields}
-    run(TrainMedusaArgs(**options, command=_command_line()))
+    run(args_dataclass(TrainMedusaArgs, args, "foreseer.spec.train_medusa", __file__))
     return 0
-
-
-def _command_line() -> str:
-    """The command as typed: `foreseer spec train-medusa ...` or `python -m foreseer.spec.train_medusa ...`."""
-    program = sys.argv[0]
-    if os.path.abspath(program) == os.path.abspath(__file__):
-        head = ["python", "-m", "foreseer.spec.train_medusa"]
-    else:
-        head = [os.path.basename(program)]
-    return shlex.join(head + sys.argv[1:])
 
 
 if __name__ == "__main__":
