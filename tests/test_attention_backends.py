@@ -11,8 +11,10 @@ BLOCK = 16
 HEADS, KV_HEADS, DIM = 6, 2, 64
 
 
-def _run(backend_name: str, seqs, seed: int = 0, head_dim: int = DIM, block: int = BLOCK):
-    """seqs: (context_len, new_tokens) per request. The context's K/V is written first, then one step runs."""
+def _run(backend_name: str, seqs, seed: int = 0, head_dim: int = DIM, block: int = BLOCK, chains: bool = False):
+    """seqs: (context_len, new_tokens) per request. The context's K/V is written first, then one step runs. With
+    `chains`, every request with context runs its new tokens as decode rows (a chain of drafts to verify, or a
+    draft model's catch-up): consecutive rows on one block table, each seeing one more token."""
     torch.manual_seed(seed)
     backend = get_backend(backend_name, torch.device("cpu"), torch.float32)
     num_blocks = sum(-(-(ctx + new) // block) for ctx, new in seqs) + 8
@@ -35,23 +37,27 @@ def _run(backend_name: str, seqs, seed: int = 0, head_dim: int = DIM, block: int
     for (ctx, _), table, k, v in zip(seqs, tables, full_k, full_v):
         if ctx:
             backend.write_kv(k_cache, v_cache, slots(table, range(ctx)), k[:ctx], v[:ctx])
-    order = sorted(range(len(seqs)), key=lambda i: seqs[i][1] > 1)  # decodes first
+    def decodes_rows(i: int) -> bool:
+        return seqs[i][1] == 1 or (chains and seqs[i][0] > 0)
+
+    order = sorted(range(len(seqs)), key=lambda i: not decodes_rows(i))  # decodes first
     q = torch.cat([full_q[i] for i in order])
     k = torch.cat([full_k[i][seqs[i][0]:] for i in order])
     v = torch.cat([full_v[i][seqs[i][0]:] for i in order])
-    decodes = [i for i in order if seqs[i][1] == 1]
+    decodes = [i for i in order if decodes_rows(i)]
+    rows = [(i, length) for i in decodes for length in range(seqs[i][0] + 1, sum(seqs[i]) + 1)]
     max_blocks = max((len(tables[i]) for i in decodes), default=0)
-    prefills, start = [], len(decodes)
+    prefills, start = [], len(rows)
     for i in order[len(decodes):]:
         prefills.append(PrefillSegment(start, seqs[i][1], seqs[i][0], tables[i]))
         start += seqs[i][1]
     metadata = AttentionMetadata(
         slot_mapping=torch.cat([slots(tables[i], range(seqs[i][0], sum(seqs[i]))) for i in order]),
-        num_decode_tokens=len(decodes),
-        decode_block_tables=torch.stack([F.pad(tables[i], (0, max_blocks - len(tables[i]))) for i in decodes])
-        if decodes else torch.zeros(0, 0, dtype=torch.int64),
-        decode_seq_lens=torch.tensor([sum(seqs[i]) for i in decodes], dtype=torch.int64),
-        max_decode_seq_len=max((sum(seqs[i]) for i in decodes), default=0),
+        num_decode_tokens=len(rows),
+        decode_block_tables=torch.stack([F.pad(tables[i], (0, max_blocks - len(tables[i]))) for i, _ in rows])
+        if rows else torch.zeros(0, 0, dtype=torch.int64),
+        decode_seq_lens=torch.tensor([length for _, length in rows], dtype=torch.int64),
+        max_decode_seq_len=max((length for _, length in rows), default=0),
         prefills=prefills,
         block_size=block,
     )
@@ -84,6 +90,16 @@ def test_cpu_kernels_other_shapes_match_reference(head_dim, block):
     ours, _ = _run("cpu", MIXED, seed=3, head_dim=head_dim, block=block)
     reference, _ = _run("torch", MIXED, seed=3, head_dim=head_dim, block=block)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_chains_of_decode_rows_match_dense_attention(backend):
+    """Several new tokens of a request as decode rows on one block table (the C++ kernels take such a run as one
+    task, reading its keys and values once): each row sees the context and the chain's rows up to itself."""
+    if backend == "cpu" and load_cpu_kernels() is None:
+        pytest.skip("no C++ compiler for the CPU kernels")
+    out, dense = _run(backend, [(37, 4), (15, 1), (16, 6), (100, 2), (0, 23), (40, 9), (5, 31)], chains=True)
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_backend_is_rejected():

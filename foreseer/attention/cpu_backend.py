@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
 
 import torch
 
 from foreseer.attention.backend import AttentionMetadata
 from foreseer.attention.torch_backend import TorchPagedAttention
+from foreseer.extensions import load_cpu_extension
 
-logger = logging.getLogger(__name__)
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "paged_attention_cpu.cpp")
 
 
-@functools.cache
 def load_cpu_kernels():
-    """The compiled extension, or None (with a warning) where it cannot be built."""
-    try:
-        import ninja
-        from torch.utils.cpp_extension import load
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        return load(name="foreseer_paged_attention_cpu", sources=[_SOURCE],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as error:  # a missing compiler must not stop the engine: the torch path still works
-        logger.warning("C++ attention kernels unavailable (%s); using the PyTorch backend", error)
-        return None
+    """The compiled extension, or None where it cannot be built."""
+    return load_cpu_extension("foreseer_paged_attention_cpu", _SOURCE)
 
 
 class CpuPagedAttention(TorchPagedAttention):

@@ -1,7 +1,9 @@
 // Paged decode attention for the CPU (float32), read straight from the KV blocks: no gather, no padding
 // copies. Scores and the weighted sum of values are two kernels; the softmax between them stays in PyTorch.
 // Each (request, KV head) pair is one task, and the query heads that share a KV head are handled together,
-// so every key and value vector is loaded once.
+// so every key and value vector is loaded once. Consecutive rows with the same block table (a request's chain of
+// tokens to verify, each seeing one more token) are one task too: its keys and values come from memory once and
+// from the core's caches for the other rows. Each row's arithmetic is the same whatever its task holds.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -69,6 +71,18 @@ inline void block_scores(const float* q, const float* kb, int64_t head_dim, int6
   for (int64_t t = 0; t < n; ++t) out[t] = acc[t] * scale;
 }
 
+// Row ranges [runs[i], runs[i + 1]) of consecutive rows whose block tables are equal.
+std::vector<int64_t> table_runs(const torch::Tensor& block_tables) {
+  const int64_t rows = block_tables.size(0), width = block_tables.size(1);
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  std::vector<int64_t> runs{0};
+  for (int64_t r = 1; r < rows; ++r) {
+    if (!std::equal(bt + r * width, bt + (r + 1) * width, bt + (r - 1) * width)) runs.push_back(r);
+  }
+  runs.push_back(rows);
+  return runs;
+}
+
 }  // namespace
 
 // scores[b, h, t] = scale * q[b, h] . k[b, t, h / group] for t < seq_lens[b], -inf beyond.
@@ -94,26 +108,33 @@ torch::Tensor paged_decode_scores(torch::Tensor q, torch::Tensor k_cache, torch:
   const float fscale = static_cast<float>(scale);
   TORCH_CHECK(block_size <= 256, "paged decode attention: block_size above 256 is not supported");
   const int64_t head_size = head_dim * block_size, block_stride = num_kv_heads * head_size;
-  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  const std::vector<int64_t> runs = table_runs(block_tables);
+  const int64_t num_runs = static_cast<int64_t>(runs.size()) - 1;
+  at::parallel_for(0, num_runs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
-      const int64_t len = lens[b];
-      for (int64_t j = 0; j * block_size < len; ++j) {
-        const float* kb = kp + bt[b * max_blocks + j] * block_stride + h * head_size;
-        const int64_t n = std::min(block_size, len - j * block_size);
-        const float* qh = qp + (b * num_heads + h * group) * head_dim;
-        float* out = sp + (b * num_heads + h * group) * max_len + j * block_size;
-        if (block_size == kLanes && group == 1) {
-          group_block_scores<1>(qh, kb, head_dim, fscale, n, out, max_len);
-        } else if (block_size == kLanes && group == 2) {
-          group_block_scores<2>(qh, kb, head_dim, fscale, n, out, max_len);
-        } else if (block_size == kLanes && group == 3) {
-          group_block_scores<3>(qh, kb, head_dim, fscale, n, out, max_len);
-        } else if (block_size == kLanes && group == 4) {
-          group_block_scores<4>(qh, kb, head_dim, fscale, n, out, max_len);
-        } else {
-          for (int64_t g = 0; g < group; ++g) {
-            block_scores(qh + g * head_dim, kb, head_dim, block_size, fscale, n, out + g * max_len);
+      const int64_t run = task / num_kv_heads, h = task % num_kv_heads;
+      const int64_t first = runs[run], last = runs[run + 1];
+      const int64_t longest = *std::max_element(lens + first, lens + last);
+      // Block by block, so that each key block serves every row of the run while it is in L1.
+      for (int64_t j = 0; j * block_size < longest; ++j) {
+        const float* kb = kp + bt[first * max_blocks + j] * block_stride + h * head_size;
+        for (int64_t b = first; b < last; ++b) {
+          if (j * block_size >= lens[b]) continue;
+          const int64_t n = std::min(block_size, lens[b] - j * block_size);
+          const float* qh = qp + (b * num_heads + h * group) * head_dim;
+          float* out = sp + (b * num_heads + h * group) * max_len + j * block_size;
+          if (block_size == kLanes && group == 1) {
+            group_block_scores<1>(qh, kb, head_dim, fscale, n, out, max_len);
+          } else if (block_size == kLanes && group == 2) {
+            group_block_scores<2>(qh, kb, head_dim, fscale, n, out, max_len);
+          } else if (block_size == kLanes && group == 3) {
+            group_block_scores<3>(qh, kb, head_dim, fscale, n, out, max_len);
+          } else if (block_size == kLanes && group == 4) {
+            group_block_scores<4>(qh, kb, head_dim, fscale, n, out, max_len);
+          } else {
+            for (int64_t g = 0; g < group; ++g) {
+              block_scores(qh + g * head_dim, kb, head_dim, block_size, fscale, n, out + g * max_len);
+            }
           }
         }
       }
@@ -158,22 +179,27 @@ torch::Tensor paged_decode_values(torch::Tensor probs, torch::Tensor v_cache, to
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, s.batch * s.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  const std::vector<int64_t> runs = table_runs(block_tables);
+  const int64_t num_runs = static_cast<int64_t>(runs.size()) - 1;
+  at::parallel_for(0, num_runs * s.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / s.num_kv_heads, h = task % s.num_kv_heads;
-      const int64_t* table = bt + b * s.max_blocks;
+      const int64_t run = task / s.num_kv_heads, h = task % s.num_kv_heads;
+      const int64_t* table = bt + runs[run] * s.max_blocks;
       const float* vh = vp + h * s.head_stride;
-      for (int64_t g = 0; g < s.group; ++g) {
-        const int64_t row = b * s.num_heads + h * s.group + g;
-        const float* probs_row = pp + row * max_len;
-        float* out_row = op + row * s.head_dim;
-        if (s.head_dim == 64) {
-          head_values<64>(probs_row, vh, table, lens[b], s.block_size, s.block_stride, s.token_stride, out_row);
-        } else if (s.head_dim == 128) {
-          head_values<128>(probs_row, vh, table, lens[b], s.block_size, s.block_stride, s.token_stride, out_row);
-        } else {
-          head_values<0>(probs_row, vh, table, lens[b], s.block_size, s.block_stride, s.token_stride, out_row,
-                         s.head_dim);
+      // Row after row: the run's values, read from memory for its first row, stay in L2 for the others.
+      for (int64_t b = runs[run]; b < runs[run + 1]; ++b) {
+        for (int64_t g = 0; g < s.group; ++g) {
+          const int64_t row = b * s.num_heads + h * s.group + g;
+          const float* probs_row = pp + row * max_len;
+          float* out_row = op + row * s.head_dim;
+          if (s.head_dim == 64) {
+            head_values<64>(probs_row, vh, table, lens[b], s.block_size, s.block_stride, s.token_stride, out_row);
+          } else if (s.head_dim == 128) {
+            head_values<128>(probs_row, vh, table, lens[b], s.block_size, s.block_stride, s.token_stride, out_row);
+          } else {
+            head_values<0>(probs_row, vh, table, lens[b], s.block_size, s.block_stride, s.token_stride, out_row,
+                           s.head_dim);
+          }
         }
       }
     }
