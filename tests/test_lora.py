@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from foreseer import LLM, LoRARequest, SamplingParams
 from foreseer.lora import ops
+from foreseer.lora.backends import CpuLoRABackend, TritonLoRABackend
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PARAMS = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -113,6 +114,26 @@ def test_bgmv_and_sgmv_match_a_per_token_loop(out_sizes):
     torch.testing.assert_close(got, _loop_reference(y, x, segment_slots, per_slot, out_sizes), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("out_sizes", [[24], [32, 16, 16]])
+def test_cpu_kernels_match_a_per_token_loop(out_sizes):
+    """The C++ backend (the engine's CPU path): groups of a few rows (hand-written) and of many (BLAS), contiguous
+    or scattered, adapters of several ranks, some shards not adapted, rows without an adapter."""
+    backend = CpuLoRABackend()
+    per_slot, stack = _random_stack(20, out_sizes, [4, None, 16, 2, 8])
+    torch.manual_seed(1)
+    x = torch.randn(40, 20)
+    y = torch.randn(40, sum(out_sizes))
+    token_slots = torch.tensor([0, 2, -1, 3, 0, 1, 2, 2, -1, 3, 3, 1, 0]  # scattered
+                               + [2] * 12 + [-1] * 3 + [4] * 9 + [0] * 3)  # long runs: slot 4 contiguous
+    expected = _loop_reference(y, x, token_slots, per_slot, out_sizes)
+    got = y.clone()
+    groups = ops.token_groups(token_slots)
+    sizes = {g.slot: len(range(40)[g.rows]) if isinstance(g.rows, slice) else len(g.rows) for g in groups}
+    assert sizes == {0: 6, 1: 2, 2: 15, 3: 3, 4: 9} and isinstance(groups[-1].rows, slice)
+    backend.add(got, x, backend.prepare(groups, x.device), stack)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
 def test_stack_keeps_each_adapter_at_its_own_rank():
     _, stack = _random_stack(20, [32, 16, 16], [4, 16, 2])
     # Each slot adapts two of the three shards, at its own rank: no padding to the largest.
@@ -181,7 +202,7 @@ def test_triton_kernels_in_the_engine(tiny_llama, adapters, monkeypatch):
     """The model's projections through the kernels (the GPU path; interpreted here): still exact."""
     _triton_ops(monkeypatch)
     llm = LLM(tiny_llama, kv_cache_gib=0.01, block_size=4, max_num_batched_tokens=24, enable_lora=True)
-    llm.engine.runner.lora.use_triton = True
+    llm.engine.runner.lora.backend = TritonLoRABackend()
     prompts = random_prompts(llm.engine.model_config.vocab_size, [7, 19, 4], seed=5)
     loras = [adapters["x"], adapters["z"], None]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

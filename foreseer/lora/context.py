@@ -13,27 +13,22 @@ import torch
 from foreseer.lora import ops
 
 if TYPE_CHECKING:
-    from foreseer.lora.triton_ops import KernelGroups
+    from foreseer.lora.backends import LoRABackend
 
 
 @dataclass
 class LoRABatch:
-    """Which rows of the flattened batch use which resident adapter, and the adapters' packed weights."""
+    """Which rows of the flattened batch use which resident adapter, and the adapters' weights."""
 
     stacks: Mapping[tuple[int, str], ops.LoRAStack]  # (layer, projection) -> weights; absent: nobody adapts it
     groups: list[ops.RowGroup]  # one per adapter in the batch
-    use_triton: bool
-    _kernel_groups: KernelGroups | None = field(default=None, repr=False)  # built at the first projection
+    backend: LoRABackend
+    _prepared: object = field(default=None, repr=False)  # the groups as the backend reads them, at first use
 
     def add(self, y: torch.Tensor, x: torch.Tensor, stack: ops.LoRAStack) -> None:
-        if not self.use_triton:
-            ops.add_lora(y, x, self.groups, stack)
-            return
-        from foreseer.lora import triton_ops
-
-        if self._kernel_groups is None:
-            self._kernel_groups = triton_ops.KernelGroups.build(self.groups, y.device)
-        triton_ops.add_lora(y, x, self._kernel_groups, stack)
+        if self._prepared is None:
+            self._prepared = self.backend.prepare(self.groups, y.device)
+        self.backend.add(y, x, self._prepared, stack)
 
 
 _current: LoRABatch | None = None

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from torch import nn
 from foreseer.config import LoRAConfig
 from foreseer.lora import ops
 from foreseer.lora.adapter import LoRAAdapter, base_targets, load_adapter, module_out_sizes
+from foreseer.lora.backends import get_lora_backend
 from foreseer.lora.context import LoRABatch
 from foreseer.lora.request import LoRARequest
 
@@ -75,7 +75,7 @@ class LoRAManager:
         self.targets = base_targets(model)
         self.num_layers = len(model.model.layers)
         self.out_sizes = module_out_sizes(self.targets)  # projection -> its shards' output sizes
-        self.use_triton = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.backend = get_lora_backend(device, dtype)
         self.unified = config.lora_memory == "unified"
         self.page_bytes = page_bytes  # a KV block's bytes: the page size of unified memory
         self.block_manager: BlockManager | None = None
@@ -295,7 +295,7 @@ class LoRAManager:
         token_slots = torch.tensor(slots).repeat_interleave(torch.tensor([n for n, _ in runs]))
         groups = [ops.RowGroup(g.slot, g.rows if isinstance(g.rows, slice) else g.rows.to(self.device))
                   for g in ops.token_groups(token_slots)]
-        return LoRABatch(stacks, groups, self.use_triton)
+        return LoRABatch(stacks, groups, self.backend)
 
     def _packed(self) -> dict[tuple[int, str], ops.LoRAStack]:
         # Assembled from the residents' device weights, made when each took its slot: a slot's change costs no

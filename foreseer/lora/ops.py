@@ -30,6 +30,26 @@ class RowGroup:
 
 
 @dataclass
+class KernelGroups:
+    """Row groups as the kernels read them (C++ on a CPU, Triton on a GPU)."""
+
+    rows: torch.Tensor  # int64: rows of the batch, group after group
+    starts: torch.Tensor  # int64 [groups]: each group's first entry in `rows`
+    lengths: torch.Tensor  # int64 [groups]
+    slots: torch.Tensor  # int64 [groups]
+    max_length: int
+
+    @classmethod
+    def build(cls, groups: Sequence[RowGroup], device: torch.device) -> KernelGroups:
+        rows = [torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows.cpu()
+                for g in groups]
+        lengths = [len(r) for r in rows]
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        meta = torch.tensor([starts, lengths, [g.slot for g in groups]], dtype=torch.int64, device=device)
+        return cls(torch.cat(rows).to(device), meta[0], meta[1], meta[2], max(lengths))
+
+
+@dataclass
 class ShardLoRA:
     index: int  # which shard of the projection (q, k, v of a fused qkv_proj)
     rank_offset: int  # its columns of x A^T
@@ -113,6 +133,22 @@ class LoRAStack:
     def max_rank(self) -> int:
         """The widest x A^T of any slot (all its shards together)."""
         return max((s.a_t.shape[1] for s in self.slots if s is not None), default=0)
+
+    @functools.cached_property
+    def slot_table(self) -> torch.Tensor:
+        """The C++ kernel's view of the slots, int64 [slots, 2 + 5 * shards]: each slot's A^T address and total
+        rank, then per shard its B^T's address, rank, column in x A^T, output offset and size (rank 0: not
+        adapted). The addresses are of tensors this stack keeps alive; a slot's change makes a new stack."""
+        table = []
+        for weights in self.slots:
+            row = [0] * (2 + 5 * len(self.out_sizes))
+            if weights is not None:
+                row[:2] = weights.a_t.data_ptr(), weights.a_t.shape[1]
+                for shard in weights.shards:
+                    row[2 + 5 * shard.index:7 + 5 * shard.index] = (
+                        shard.b_t.data_ptr(), shard.rank, shard.rank_offset, shard.out_offset, shard.out_size)
+            table.append(row)
+        return torch.tensor(table, dtype=torch.int64)
 
     @functools.cached_property
     def packed(self) -> PackedLoRA:

@@ -8,39 +8,16 @@ shard it does not adapt, does no work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from foreseer.lora.ops import LoRAStack, RowGroup
+from foreseer.lora.ops import KernelGroups, LoRAStack
 
 BLOCK_M = 16  # rows per tile (tl.dot's smallest)
 BLOCK_R = 16  # ranks per shrink tile
 BLOCK_N = 64  # output columns per expand tile
 BLOCK_K = 32  # reduction step
-
-
-@dataclass
-class KernelGroups:
-    """Row groups as the kernels read them."""
-
-    rows: torch.Tensor  # int64: rows of the batch, group after group
-    starts: torch.Tensor  # int64 [groups]: each group's first entry in `rows`
-    lengths: torch.Tensor  # int64 [groups]
-    slots: torch.Tensor  # int64 [groups]
-    max_length: int
-
-    @classmethod
-    def build(cls, groups: Sequence[RowGroup], device: torch.device) -> KernelGroups:
-        rows = [torch.arange(g.rows.start, g.rows.stop) if isinstance(g.rows, slice) else g.rows.cpu()
-                for g in groups]
-        lengths = [len(r) for r in rows]
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        meta = torch.tensor([starts, lengths, [g.slot for g in groups]], dtype=torch.int64, device=device)
-        return cls(torch.cat(rows).to(device), meta[0], meta[1], meta[2], max(lengths))
 
 
 @triton.jit
