@@ -189,8 +189,8 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
     run(make_llm, SpecBenchArgs(
         dataset=args.dataset, methods=args.methods, num_speculative_tokens=args.num_speculative_tokens,
         batch_sizes=args.batch_sizes, num_prompts=args.num_prompts, batch_1_prompts=args.batch_1_prompts,
-        max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, spec_options=options,
-        output_json=args.output_json, plot=args.plot,
+        max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, repeats=args.repeats,
+        spec_options=options, output_json=args.output_json, plot=args.plot,
     ))
     return 0
 
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--batch-1-prompts", type=int, default=8, help="prompts per set at batch size 1")
     spec.add_argument("--max-prompt-tokens", type=int, default=512)
     spec.add_argument("--max-tokens", type=int, default=128)
+    spec.add_argument("--repeats", type=int, default=1,
+                      help="runs of the prompts per engine and batch size (a fresh prefix cache each); the fastest "
+                           "counts")
     spec.add_argument("--output-json", default=None)
     spec.add_argument("--plot", default=None, help="PNG of the speedup against batch size")
     _add_engine_args(spec)

@@ -57,6 +57,9 @@ class SpeculativeConfig:
     # that acceptance stays near target_acceptance (Draft & Verify)
     draft_confidence: float = 0.3
     target_acceptance: float = 0.8
+    # Correct the start-up step timings by what steps measure in service (off: decisions from the timings alone,
+    # as when they are pinned for a test or a forced measurement)
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         from foreseer.spec import PROPOSERS
@@ -76,6 +79,7 @@ class SpeculativeConfig:
         _check(self.skip_layers is None or (isinstance(self.skip_layers, list) and all(
             isinstance(i, int) and i >= 0 for i in self.skip_layers)), "speculative_config.skip_layers",
             "must be a list of layer indices")
+        _check(isinstance(self.calibrate, bool), "speculative_config.calibrate", "must be true or false")
         for name in ("draft_confidence", "target_acceptance"):
             value = getattr(self, name)
             _check(isinstance(value, int | float) and 0 <= value < 1, f"speculative_config.{name}", "must be in [0, 1)")

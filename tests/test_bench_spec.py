@@ -19,12 +19,12 @@ def test_bench_spec_reports_speedup_acceptance_and_identical_outputs(tiny_llama,
     out, plot = tmp_path / "spec.json", tmp_path / "spec.png"
     status = main(["bench", "spec", "--model", tiny_llama, "--kv-cache-gib", "0.01", "--dataset", str(dataset),
                    "--batch-sizes", "1", "2", "--num-prompts", "3", "--batch-1-prompts", "2", "--max-tokens", "12",
-                   "--max-prompt-tokens", "96", "--output-json", str(out), "--plot", str(plot)])
+                   "--max-prompt-tokens", "96", "--repeats", "2", "--output-json", str(out), "--plot", str(plot)])
     assert status == 0
     assert plot.read_bytes().startswith(b"\x89PNG")
     report = json.loads(out.read_text())
     # Every method runs, or is skipped with the reason where this model cannot run it (no Medusa heads ship for it).
-    assert "ngram" in report["methods"] and report["prompt_sets"] == ["grounded", "chat"]
+    assert "ngram" in report["methods"] and report["prompt_sets"] == ["grounded", "chat"] and report["repeats"] == 2
     assert sorted(report["methods"] + list(report["skipped_methods"])) == sorted(PROPOSERS)
     assert [(r["prompt_set"], r["batch_size"], r["num_prompts"]) for r in report["results"]] == [
         ("grounded", 1, 2), ("grounded", 2, 3), ("chat", 1, 2), ("chat", 2, 3)]

@@ -353,7 +353,8 @@ def test_metrics_count_requests_tokens_and_latencies(tiny_server, tiny_llama):
 
 
 def test_speculating_server_matches_offline_and_exports_acceptance(tiny_llama, offline):
-    with running_server(tiny_llama, speculative_config={"method": "ngram"}, **TINY_ENGINE) as (url, engine):
+    with running_server(tiny_llama, speculative_config={"method": "ngram", "calibrate": False},
+                        **TINY_ENGINE) as (url, engine):
         # The measured cost model of a tiny model on a busy machine is noise; pin one that always drafts.
         engine.engine.speculator.cost = StepCostModel([1, 1024], [1.0, 1.0])
         prompt = "the quick brown fox jumps over the lazy dog. " * 3

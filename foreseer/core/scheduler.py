@@ -68,8 +68,10 @@ class Scheduler:
     def speculation_candidates(self) -> tuple[list[Request], int]:
         """Running requests that decode next step, and about how many prefill tokens it computes beside them."""
         decoding = [r for r in self.running if r.num_computed_tokens >= r.num_tokens - 1]
-        # Waiting requests the gate will pass over (e.g. their adapter has no slot) add no tokens to the step.
-        startable = [r for r in self.waiting if self.gate.may_admit(r)]
+        # Waiting requests start only into free seats, and not those the gate will pass over (e.g. their adapter
+        # has no slot): the others add no tokens to the step.
+        seats = max(self.config.max_num_seqs - len(self.running), 0)
+        startable = [r for r in self.waiting if self.gate.may_admit(r)][:seats]
         pending = sum(r.num_tokens - r.num_computed_tokens for r in self.running + startable) - len(decoding)
         return decoding, min(pending, max(self.config.max_num_batched_tokens - len(decoding), 0))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -116,7 +117,7 @@ class LLMEngine:
             return None
         budget = self.config.scheduler.max_num_batched_tokens
         counts = sorted({min(n, budget) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)})
-        proposer = PROPOSERS[spec.method].create(spec, self.runner)
+        proposer = PROPOSERS[spec.method].create(spec, self.runner, self.block_manager)
         return Speculator(spec, proposer, self.runner.measure_step_costs(counts))
 
     def _length_probe_dir(self) -> str | None:
@@ -247,15 +248,20 @@ class LLMEngine:
     # -- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns the outputs of requests that advanced."""
+        started = time.perf_counter()
         if self.speculator is not None:
             self.speculator.propose(*self.scheduler.speculation_candidates())
+        proposed = time.perf_counter()
         sched = self.scheduler.schedule()
         touched = self._take_failed()
         if sched.is_empty:
             if self.scheduler.num_unfinished and not touched:
                 raise RuntimeError("no request could be scheduled although some are unfinished")
             return self._outputs(touched.values())
+        executing = time.perf_counter()
         result = self.runner.execute(sched)
+        if self.speculator is not None:  # what drafting and the step really cost, for the next choices
+            self.speculator.observe_step(sched.scheduled, proposed - started, time.perf_counter() - executing)
         if result.hidden_states:
             if self.speculator is not None and self.speculator.proposer.needs_hidden_states:
                 self.speculator.observe(result.hidden_states)

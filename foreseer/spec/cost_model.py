@@ -17,6 +17,7 @@ from foreseer.spec.tree import DraftTree
 # Drafting must promise at least this much more throughput than not drafting: the step-cost measurements drift
 # by a few percent on a busy machine, and a predicted gain within that error turned into measured slowdowns.
 MIN_PREDICTED_GAIN = 0.05
+CALIBRATION_DECAY = 0.95  # the weight a calibration keeps on what it measured before the latest step
 
 
 @dataclass
@@ -37,6 +38,37 @@ class StepCostModel:
         i = min(max(bisect.bisect_left(xs, num_tokens), 1), len(xs) - 1)
         slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
         return max(ys[i - 1] + slope * (num_tokens - xs[i - 1]), 1e-9) + self.seconds_per_context_token * context_tokens
+
+
+@dataclass
+class Calibration:
+    """Measured over predicted seconds, on recent steps of one kind: exponential averages of both, so that one
+    slow step moves it little. Start-up timings run each step alone on a quiet cache; in service a draft model and
+    the target evict each other's weights from the CPU's caches, and drafting has work of its own (measured here:
+    int8 draft steps 1.5-2x their start-up time at batch 1, verification steps 1.3x)."""
+
+    measured: float = 0.0
+    predicted: float = 0.0
+
+    def add(self, measured: float, predicted: float) -> None:
+        self.measured = CALIBRATION_DECAY * self.measured + measured
+        self.predicted = CALIBRATION_DECAY * self.predicted + predicted
+
+    @property
+    def ratio(self) -> float:
+        return self.measured / self.predicted if self.predicted > 0 else 1.0
+
+
+@dataclass
+class StepScales:
+    """What the speculator has measured of predicted step costs: plain decode steps, steps that verify drafts, and
+    a draft model's steps (each a factor on the cost model's prediction); and the seconds a proposer with no draft
+    model to price spends drafting a step (Medusa's heads each run the lm_head, for one)."""
+
+    plain: float = 1.0
+    verify: float = 1.0
+    draft: float = 1.0
+    draft_overhead: float = 0.0
 
 
 def choose_draft_nodes(
@@ -81,28 +113,32 @@ def choose_draft_nodes(
 def choose_draft_depth(
     acceptance: list[float], max_depths: list[int], num_base_tokens: int, cost: StepCostModel,
     draft_cost: StepCostModel | None = None, contexts: list[int] | None = None, base_context: int = 0,
-    setup_seconds: float = 0.0,
+    setup_seconds: float = 0.0, scales: StepScales | None = None,
 ) -> int:
     """How many tokens deep to draft this step (0: not at all), before any drafting is done.
 
     Drafting k deep costs k steps of the draft model over the drafting requests (`draft_cost`; None for
     proposers whose drafts are nearly free) besides verifying up to k tokens per request, each reading its
     request's context (`contexts`) again, and `setup_seconds` once (a draft model catching up with new
-    tokens, as the caller amortizes it); it is worth sum(a**j, j = 1..k) expected tokens per request. The depth
-    with the most expected tokens per second wins, if it beats not drafting by MIN_PREDICTED_GAIN.
+    tokens, as the caller amortizes it); it is worth sum(a**j, j = 1..k) expected tokens per request. `scales`
+    corrects each kind of cost by what was measured of it. The depth with the most expected tokens per second
+    wins, if it beats not drafting by MIN_PREDICTED_GAIN.
     """
     contexts = contexts or [0] * len(max_depths)
+    scales = scales or StepScales()
     drafting = [i for i, m in enumerate(max_depths) if m > 0]
     expected, drafted, context = float(num_base_tokens), 0, base_context
-    best_depth, best_rate = 0, expected / cost.cost(num_base_tokens, context) * (1 + MIN_PREDICTED_GAIN)
+    plain_seconds = scales.plain * cost.cost(num_base_tokens, context)
+    best_depth, best_rate = 0, expected / plain_seconds * (1 + MIN_PREDICTED_GAIN)
     for depth in range(1, max(max_depths, default=0) + 1):
         deep_enough = [i for i in drafting if max_depths[i] >= depth]
         expected += sum(acceptance[i] ** depth for i in deep_enough)
         drafted += len(deep_enough)
         context += sum(contexts[i] for i in deep_enough)
-        seconds = cost.cost(num_base_tokens + drafted, context)
+        seconds = scales.verify * cost.cost(num_base_tokens + drafted, context) + scales.draft_overhead
         if draft_cost is not None:
-            seconds += depth * draft_cost.cost(len(drafting), sum(contexts[i] for i in drafting)) + setup_seconds
+            seconds += scales.draft * (depth * draft_cost.cost(len(drafting), sum(contexts[i] for i in drafting))
+                                       + setup_seconds)
         if expected / seconds > best_rate:
             best_depth, best_rate = depth, expected / seconds
     return best_depth

@@ -2,13 +2,15 @@
 with int8 weights (`draft`, the default), or the target with some layers skipped (`layer_skip`, self-speculative
 decoding, Zhang et al. 2023).
 
-The draft model keeps its own paged KV cache, of as many blocks as the target's (as many tokens; for the int8
-self-draft as many bytes too). Each request's draft state is the list of tokens whose KV that
-cache holds; before drafting, it is cut back to its common prefix with the request's tokens, so accepted drafts
-are kept, rejected ones are recomputed, and a preempted or rewritten request simply catches up. A request
-drafts greedily until the draft's confidence in its next token falls under a threshold that adapts to keep
-acceptance near a target (Draft & Verify). Drafts are the draft model's argmax, verified as deterministic
-proposals, which keeps sampled requests exact too.
+Where the draft's keys and values live depends on what the draft is. The target drafting for itself (int8 weights,
+skipped layers) reads the target's own KV cache: every token but a request's last is computed there already, so a
+draft never prefills a prompt or catches up, and needs no cache of its own. Another model keeps its own paged KV
+cache, of as many blocks as the target's; each request's state there is the list of tokens whose KV it holds,
+cut back before drafting to its common prefix with the request's tokens, so accepted drafts are kept, rejected
+ones recomputed, and a preempted or rewritten request simply catches up. A request drafts greedily until the
+draft's confidence in its next token falls under a threshold that adapts to keep acceptance near a target
+(Draft & Verify). Drafts are the draft model's argmax, verified as deterministic proposals, which keeps sampled
+requests exact too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import copy
 import itertools
 import json
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,17 +36,75 @@ from foreseer.spec.tree import DraftTree
 
 if TYPE_CHECKING:
     from foreseer.engine.request import Request
-    from foreseer.worker.model_runner import ModelRunner
+    from foreseer.worker.model_runner import ModelRunner, Segment
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 LAYER_SKIP_FILE = "{model}-layer-skip.json"  # under WEIGHTS_DIR: the layers `foreseer spec search-layers` chose
+# Catch-ups of up to this many tokens (accepted drafts and the token after them) run as decode rows, all of a
+# step's in one batched kernel call, instead of one prefill attention call per request and layer.
+CATCH_UP_DECODE_ROWS = 16
 THRESHOLD_STEP = 0.02  # how far the confidence threshold moves after each verification
 MAX_THRESHOLD = 0.95
 
 
+def shared_copy(model: nn.Module, keep_layers: list[int] | None = None, share_caches: bool = False) -> nn.Module:
+    """A new module tree over the same weight tensors (no extra weight memory), over the same KV caches if
+    `share_caches`, else without any, keeping only `keep_layers` of the decoder (all when None)."""
+    memo: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    for attention in model.attention_layers():
+        memo[id(attention.kv_cache)] = attention.kv_cache if share_caches else None
+    clone = copy.deepcopy(model, memo)
+    if keep_layers is not None:
+        clone.model.layers = nn.ModuleList(clone.model.layers[i] for i in keep_layers)
+    return clone
+
+
+class DraftKV(ABC):
+    """Where a draft model's keys and values live: the segments its steps compute."""
+
+    @abstractmethod
+    def start(self, request: Request, length: int, drafting: list[Request]) -> Segment | None:
+        """The first segment of the request's draft (its last token, after any tokens the cache lacks), with room
+        for `length` draft steps; None (no draft this time) where there is no room."""
+
+    def advance(self, request: Request, segment: Segment, token: int) -> Segment:
+        """The next draft step's segment: the token the last one drafted."""
+        from foreseer.worker.model_runner import Segment
+
+        return Segment([token], segment.start + len(segment.token_ids), segment.block_table)
+
+    def catch_up_tokens(self, request: Request) -> int:
+        """Tokens the draft computes before drafting, beyond its draft steps (none over the target's cache)."""
+        return 0
+
+    def forget_finished(self) -> None:  # noqa: B027 (only a cache of its own holds finished requests)
+        """Let go of what finished requests hold."""
+
+
+class TargetKV(DraftKV):
+    """The target's own KV cache, for a draft that is the target itself with other weights or fewer layers.
+
+    The target has computed every token of a decoding request but the last, so drafting starts there. Draft
+    tokens' KV goes into the request's own slots after its computed tokens: slots that only this request holds
+    (blocks are shared through the prefix cache only once computed), that nothing reads before the target's
+    verification writes its own KV over them, and that the target frees when it rejects them."""
+
+    def __init__(self, block_manager: BlockManager) -> None:
+        self.block_manager = block_manager
+
+    def start(self, request: Request, length: int, drafting: list[Request]) -> Segment | None:
+        from foreseer.worker.model_runner import Segment
+
+        if request.num_computed_tokens != request.num_tokens - 1:
+            return None
+        if not self.block_manager.allocate_slots(request, length):
+            return None
+        return Segment([request.token_ids[-1]], request.num_computed_tokens, request.block_table)
+
+
 @dataclass
 class _DraftSequence:
-    """A request in the draft model's cache; has what the block manager reads of a request."""
+    """A request in a draft model's own cache; has what the block manager reads of a request."""
 
     token_ids: list[int] = field(default_factory=list)  # tokens whose KV the draft cache holds
     block_table: list[int] = field(default_factory=list)
@@ -55,66 +116,110 @@ class _DraftSequence:
     num_tokens = num_computed_tokens
 
 
-def shared_copy(model: nn.Module, keep_layers: list[int] | None = None) -> nn.Module:
-    """A new module tree over the same weight tensors (no extra weight memory) and without KV caches,
-    keeping only `keep_layers` of the decoder (all when None)."""
-    memo: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    for attention in model.attention_layers():
-        memo[id(attention.kv_cache)] = None
-    clone = copy.deepcopy(model, memo)
-    if keep_layers is not None:
-        clone.model.layers = nn.ModuleList(clone.model.layers[i] for i in keep_layers)
-    return clone
+class OwnKV(DraftKV):
+    """A paged KV cache of the draft model's own, as many blocks as the target's, kept in step with each request
+    by catching up on the tokens it lacks before drafting."""
+
+    def __init__(self, models: list[nn.Module], backend: AttentionBackend, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        cfg = models[0].config
+        caches = backend.allocate_kv_cache(len(models[0].attention_layers()), num_blocks, block_size,
+                                           cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+        for model in models:  # a float and an int8 copy of the draft share one cache
+            for attention, cache in zip(model.attention_layers(), caches):
+                attention.kv_cache = cache
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.sequences: dict[str, tuple[Request, _DraftSequence]] = {}
+
+    def start(self, request: Request, length: int, drafting: list[Request]) -> Segment | None:
+        """Brings the draft cache up to the request's last token, with room for `length` drafts."""
+        from foreseer.worker.model_runner import Segment
+
+        # A request id can come back for a new request: the token check below keeps what still matches.
+        _, seq = self.sequences.get(request.request_id, (request, _DraftSequence()))
+        self.sequences[request.request_id] = (request, seq)
+        tokens = request.token_ids
+        valid = 0
+        limit = min(len(seq.token_ids), len(tokens) - 1)  # the last token is computed again for its logits
+        while valid < limit and seq.token_ids[valid] == tokens[valid]:
+            valid += 1
+        del seq.token_ids[valid:]
+        self.block_manager.free_unneeded_blocks(seq)
+        new = tokens[valid:]
+        if not self.block_manager.allocate_slots(seq, len(new) + length - 1):
+            # Make room by dropping the cache of requests that are not drafting now, then try once more.
+            ids = {r.request_id for r in drafting}
+            for request_id in [k for k in self.sequences if k not in ids]:
+                self._forget(request_id)
+            if not self.block_manager.allocate_slots(seq, len(new) + length - 1):
+                self._forget(request.request_id)
+                return None
+        seq.token_ids.extend(new)
+        return Segment(new, valid, seq.block_table)
+
+    def advance(self, request: Request, segment: Segment, token: int) -> Segment:
+        self.sequences[request.request_id][1].token_ids.append(token)
+        return super().advance(request, segment, token)
+
+    def catch_up_tokens(self, request: Request) -> int:
+        # An estimate without the prefix check: drafts that get rejected are a few tokens more.
+        _, seq = self.sequences.get(request.request_id, (request, _DraftSequence()))
+        return max(request.num_tokens - len(seq.token_ids), 1)
+
+    def forget_finished(self) -> None:
+        for request_id in [k for k, (r, _) in self.sequences.items() if r.is_finished]:
+            self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        _, seq = self.sequences.pop(request_id)
+        self.block_manager.free(seq)
 
 
 class DraftModelProposer(DraftProposer):
     name = "draft"
     prior_acceptance = 0.8  # a model that imitates the target (its int8 self, a smaller sibling) mostly agrees
 
-    def __init__(self, config: SpeculativeConfig, model: nn.Module, backend: AttentionBackend, num_blocks: int,
-                 block_size: int, device: torch.device, dtype: torch.dtype,
-                 float_model: nn.Module | None = None) -> None:
+    def __init__(self, config: SpeculativeConfig, model: nn.Module, kv: DraftKV, backend: AttentionBackend,
+                 block_size: int, device: torch.device, float_model: nn.Module | None = None,
+                 quantized: bool = False) -> None:
         self.model = model
-        # With int8 weights: the same model in float over the same KV cache, for prompts' prefills (see _run).
+        self.kv = kv
+        # With int8 weights and a cache of its own: the same model in float, for prompts' prefills (see _run).
         self.float_model = float_model
         self.catch_up_on_target_weights = float_model is not None
+        self.quantized = quantized
         self.backend = backend
         self.device = device
         self.block_size = block_size
-        cfg = model.config
-        caches = backend.allocate_kv_cache(len(model.attention_layers()), num_blocks, block_size,
-                                           cfg.num_key_value_heads, cfg.head_dim, dtype, device)
-        for attention, cache in zip(model.attention_layers(), caches):
-            attention.kv_cache = cache
-        if float_model is not None:
-            for attention, cache in zip(float_model.attention_layers(), caches):
-                attention.kv_cache = cache
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-        self.sequences: dict[str, tuple[Request, _DraftSequence]] = {}
         self.threshold = config.draft_confidence
         self.target_acceptance = config.target_acceptance
         self.draft_step_cost: StepCostModel | None = None
         self.generator = torch.Generator(device).manual_seed(0)  # sampled drafts of requests without a seed
 
     @classmethod
-    def create(cls, config: SpeculativeConfig, runner: ModelRunner) -> DraftModelProposer:
+    def create(cls, config: SpeculativeConfig, runner: ModelRunner, block_manager: BlockManager
+               ) -> DraftModelProposer:
         from foreseer.models.loader import load_model_config, resolve_model
         from foreseer.worker.model_runner import load_model
 
-        if config.draft_model is None:
-            model = shared_copy(runner.model)
-        else:
-            source = resolve_model(config.draft_model)
-            draft_config = load_model_config(source)
-            if draft_config.vocab_size != runner.model_config.vocab_size:
-                raise ValueError(f"draft model {config.draft_model!r} has a vocabulary of {draft_config.vocab_size} "
-                                 f"tokens, the target {runner.model_config.vocab_size}: they must share a tokenizer")
-            model = load_model(draft_config, source, runner.device, runner.dtype)
+        int8 = config.draft_quantization == "int8"
+        if config.draft_model is None:  # the target drafts for itself, over its own KV cache
+            model = shared_copy(runner.model, share_caches=True)
+            return cls(config, quantize_linears_int8(model) if int8 else model, TargetKV(block_manager),
+                       runner.backend, runner.block_size, runner.device, quantized=int8).timed(runner)
+        source = resolve_model(config.draft_model)
+        draft_config = load_model_config(source)
+        if draft_config.vocab_size != runner.model_config.vocab_size:
+            raise ValueError(f"draft model {config.draft_model!r} has a vocabulary of {draft_config.vocab_size} "
+                             f"tokens, the target {runner.model_config.vocab_size}: they must share a tokenizer")
+        model = load_model(draft_config, source, runner.device, runner.dtype)
         float_model = None
-        if config.draft_quantization == "int8":
+        if int8:
             float_model, model = model, quantize_linears_int8(shared_copy(model))
-        return cls(config, model, runner.backend, runner.num_blocks, runner.block_size, runner.device, runner.dtype,
-                   float_model).timed(runner)
+        kv = OwnKV([m for m in (model, float_model) if m is not None], runner.backend, runner.num_blocks,
+                   runner.block_size, runner.device, runner.dtype)
+        return cls(config, model, kv, runner.backend, runner.block_size, runner.device, float_model,
+                   quantized=int8).timed(runner)
 
     def timed(self, runner: ModelRunner) -> DraftModelProposer:
         """Time the draft model's steps, which the engine weighs against what its drafts save."""
@@ -126,15 +231,14 @@ class DraftModelProposer(DraftProposer):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # A quantized lm_head is a module to call, not a weight to multiply by.
-        return self.model.lm_head(hidden).float() if self.float_model is not None else self.model.compute_logits(hidden)
+        return self.model.lm_head(hidden).float() if self.quantized else self.model.compute_logits(hidden)
 
     # -- drafting -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_lengths: list[int], hidden_states=None) -> list[DraftTree]:
-        from foreseer.worker.model_runner import Segment
+        from foreseer.worker.model_runner import runs_as_decode_rows
 
-        for request_id in [k for k, (r, _) in self.sequences.items() if r.is_finished]:
-            self._forget(request_id)
+        self.kv.forget_finished()
         trees = [DraftTree() for _ in requests]
         going: list[int] = []  # requests still drafting, in the order of `segments`
         segments: list[Segment] = []
@@ -142,25 +246,24 @@ class DraftModelProposer(DraftProposer):
         for i, (request, length) in enumerate(zip(requests, max_lengths)):
             if length <= 0:
                 continue
-            segment = self._catch_up(request, length, requests)
+            segment = self.kv.start(request, length, requests)
             if segment is not None:
                 going.append(i)
                 segments.append(segment)
         while going:
-            order = sorted(range(len(going)), key=lambda j: len(segments[j].token_ids) > 1)  # decodes first
+            order = sorted(range(len(going)), key=lambda j: not runs_as_decode_rows(  # decodes first
+                len(segments[j].token_ids), segments[j].draft, segments[j].start, CATCH_UP_DECODE_ROWS))
             going, segments = [going[j] for j in order], [segments[j] for j in order]
             choices = self._choose(self._run(segments), [requests[i] for i in going])
             next_going, next_segments = [], []
-            for i, (token, sure, dist) in zip(going, choices):
+            for i, segment, (token, sure, dist) in zip(going, segments, choices):
                 if dist is not None:
                     sampled_probs.setdefault(i, []).append(dist)
                 tree = trees[i]
                 tree.token_ids.append(token)
                 tree.parents.append(len(tree) - 2)
                 if len(tree) < max_lengths[i] and sure >= self.threshold:
-                    _, seq = self.sequences[requests[i].request_id]
-                    next_segments.append(Segment([token], len(seq.token_ids), seq.block_table))
-                    seq.token_ids.append(token)
+                    next_segments.append(self.kv.advance(requests[i], segment, token))
                     next_going.append(i)
             going, segments = next_going, next_segments
         for i, rows in sampled_probs.items():
@@ -185,40 +288,14 @@ class DraftModelProposer(DraftProposer):
                 choices[j] = (int(torch.multinomial(dist, 1, generator=generator)[0]), float(dist.max()), dist)
         return choices
 
-    def _catch_up(self, request: Request, length: int, requests: list[Request]):
-        """The segment that brings the draft cache up to the request's last token, with room for `length`
-        drafts; None (no draft this time) when the draft cache is full."""
-        from foreseer.worker.model_runner import Segment
-
-        # A request id can come back for a new request: the token check below keeps what still matches.
-        _, seq = self.sequences.get(request.request_id, (request, _DraftSequence()))
-        self.sequences[request.request_id] = (request, seq)
-        tokens = request.token_ids
-        valid = 0
-        limit = min(len(seq.token_ids), len(tokens) - 1)  # the last token is computed again for its logits
-        while valid < limit and seq.token_ids[valid] == tokens[valid]:
-            valid += 1
-        del seq.token_ids[valid:]
-        self.block_manager.free_unneeded_blocks(seq)
-        new = tokens[valid:]
-        if not self.block_manager.allocate_slots(seq, len(new) + length - 1):
-            # Make room by dropping the cache of requests that are not drafting now, then try once more.
-            drafting = {r.request_id for r in requests}
-            for request_id in [k for k in self.sequences if k not in drafting]:
-                self._forget(request_id)
-            if not self.block_manager.allocate_slots(seq, len(new) + length - 1):
-                self._forget(request.request_id)
-                return None
-        seq.token_ids.extend(new)
-        return Segment(new, valid, seq.block_table)
-
     def _run(self, segments) -> torch.Tensor:
         """Logits [len(segments), V] at each segment's last token.
 
         With int8 weights, segments from a prompt's start run on the float weights: the CPU's int8 GEMM quantizes
         all of a call's activations with one scale, and a prompt's first tokens carry activations far larger than
         the rest's, which left the other tokens' KV too coarse to draft from (no draft token accepted on
-        300-token prompts). Later catch-ups (a few tokens after a verification) stay on int8."""
+        300-token prompts). Later catch-ups (a few tokens after a verification) stay on int8. (A draft over the
+        target's cache never prefills.)"""
         if self.float_model is None:
             return self._forward(self.model, segments, self.logits)
         prefills = [i for i, s in enumerate(segments) if s.start == 0]
@@ -235,19 +312,13 @@ class DraftModelProposer(DraftProposer):
     def _forward(self, model: nn.Module, segments, logits) -> torch.Tensor:
         from foreseer.worker.model_runner import prepare_batch
 
-        batch = prepare_batch(segments, self.block_size, self.device)
+        batch = prepare_batch(segments, self.block_size, self.device, CATCH_UP_DECODE_ROWS)
         with forward_context(self.backend, batch.metadata):
             hidden = model(batch.input_ids, batch.positions)
         return logits(hidden[torch.tensor(batch.sample_index, device=self.device)])
 
     def catch_up_tokens(self, request: Request) -> int:
-        # An estimate without the prefix check: drafts that get rejected are a few tokens more.
-        _, seq = self.sequences.get(request.request_id, (request, _DraftSequence()))
-        return max(request.num_tokens - len(seq.token_ids), 1)
-
-    def _forget(self, request_id: str) -> None:
-        _, seq = self.sequences.pop(request_id)
-        self.block_manager.free(seq)
+        return self.kv.catch_up_tokens(request)
 
     def record(self, num_drafted: int, num_accepted: int) -> None:
         """Raise the confidence needed to go on drafting while acceptance is under target, else lower it."""
@@ -262,7 +333,8 @@ class LayerSkipProposer(DraftModelProposer):
     name = "layer_skip"
 
     @classmethod
-    def create(cls, config: SpeculativeConfig, runner: ModelRunner) -> LayerSkipProposer:
+    def create(cls, config: SpeculativeConfig, runner: ModelRunner, block_manager: BlockManager
+               ) -> LayerSkipProposer:
         num_layers = runner.model_config.num_hidden_layers
         skip = config.skip_layers if config.skip_layers is not None else searched_skip_layers(runner.config.model)
         if skip is None:
@@ -271,9 +343,10 @@ class LayerSkipProposer(DraftModelProposer):
         if any(i >= num_layers for i in skip) or len(set(skip)) >= num_layers:
             raise ValueError(f"skip_layers {skip} must name some, not all, of the model's {num_layers} layers")
         keep = [i for i in range(num_layers) if i not in set(skip)]
-        model = shared_copy(runner.model, keep)
-        return cls(config, model, runner.backend, runner.num_blocks, runner.block_size, runner.device,
-                   runner.dtype).timed(runner)
+        # Each kept layer reads and writes the target's cache of the same layer.
+        model = shared_copy(runner.model, keep, share_caches=True)
+        return cls(config, model, TargetKV(block_manager), runner.backend, runner.block_size,
+                   runner.device).timed(runner)
 
 
 def layer_skip_path(model_name: str) -> str:

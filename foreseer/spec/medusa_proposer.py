@@ -15,6 +15,7 @@ from foreseer.spec.proposer import DraftProposer
 from foreseer.spec.tree import DraftTree
 
 if TYPE_CHECKING:
+    from foreseer.core.block_manager import BlockManager
     from foreseer.engine.request import Request
     from foreseer.worker.model_runner import ModelRunner
 
@@ -41,7 +42,7 @@ class MedusaProposer(DraftProposer):
         self.choices = tree_choices(config.tree_width, min(config.num_speculative_tokens, heads.num_heads))
 
     @classmethod
-    def create(cls, config: SpeculativeConfig, runner: ModelRunner) -> MedusaProposer:
+    def create(cls, config: SpeculativeConfig, runner: ModelRunner, block_manager: BlockManager) -> MedusaProposer:
         directory = config.medusa_heads or shipped_heads_dir(runner.config.model)
         if directory is None:
             raise ValueError(f"no Medusa heads ship for {runner.config.model!r}; give speculative_config.medusa_heads "

@@ -12,6 +12,7 @@ from foreseer.spec.cost_model import StepCostModel
 from foreseer.spec.tree import DraftTree
 
 if TYPE_CHECKING:  # the request module imports the draft tree from this package
+    from foreseer.core.block_manager import BlockManager
     from foreseer.engine.request import Request
     from foreseer.worker.model_runner import ModelRunner
 
@@ -30,8 +31,9 @@ class DraftProposer(ABC):
     prior_acceptance = 0.5  # per-token acceptance expected before any verification
 
     @classmethod
-    def create(cls, config: SpeculativeConfig, runner: ModelRunner) -> DraftProposer:
-        """The proposer for this engine; those that need the target model take it from the runner."""
+    def create(cls, config: SpeculativeConfig, runner: ModelRunner, block_manager: BlockManager) -> DraftProposer:
+        """The proposer for this engine; those that need the target model take it from the runner, those that
+        draft over the target's KV cache take its blocks from `block_manager`."""
         return cls(config)
 
     @abstractmethod

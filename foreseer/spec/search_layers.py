@@ -96,14 +96,15 @@ def run(args: SearchLayersArgs, command: str = "") -> dict:
     redundancy = layer_redundancy(plain, prompts)
     first = candidate_sets(redundancy, args.skip_fractions)[0]
     spec = LLM(args.model, kv_cache_gib=args.kv_cache_gib, speculative_config={
-        "method": "layer_skip", "skip_layers": first, "num_speculative_tokens": args.num_speculative_tokens})
+        "method": "layer_skip", "skip_layers": first, "num_speculative_tokens": args.num_speculative_tokens,
+        "calibrate": False})
     _decode_rate(plain, prompts[:1], 8)  # warm-up: kernels and allocator
     _decode_rate(spec, prompts[:1], 8)
     candidates = []
     for skip in candidate_sets(redundancy, args.skip_fractions):
         speculator = spec.engine.speculator
-        config = SpeculativeConfig("layer_skip", args.num_speculative_tokens, skip_layers=skip)
-        speculator.proposer = LayerSkipProposer.create(config, spec.engine.runner)
+        config = SpeculativeConfig("layer_skip", args.num_speculative_tokens, skip_layers=skip, calibrate=False)
+        speculator.proposer = LayerSkipProposer.create(config, spec.engine.runner, spec.engine.block_manager)
         # Drafting is forced (flat step costs, free drafts) so that each set's own speed shows; when serving,
         # the engine weighs the saved set with its measured costs and drafts only where that pays.
         speculator.cost = StepCostModel([1, 2], [1.0, 1.0])

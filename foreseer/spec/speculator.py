@@ -7,17 +7,21 @@ has verified them; `record` updates the per-request and per-engine figures that 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from foreseer.config import SpeculativeConfig
+from foreseer.core.output import ScheduledRequest
 from foreseer.engine.request import Request
 from foreseer.outputs import SpeculationFigures
-from foreseer.spec.cost_model import StepCostModel, choose_draft_depth, choose_draft_nodes
+from foreseer.spec.cost_model import Calibration, StepCostModel, StepScales, choose_draft_depth, choose_draft_nodes
 from foreseer.spec.proposer import DraftProposer
 from foreseer.spec.tree import DraftTree
 
 CATCH_UP_HORIZON = 512  # tokens ahead over which a draft model's catch-up may pay for itself
 PRIOR_WEIGHT = 4.0  # how many observed tokens a request's own acceptance needs to outweigh the engine's
+EVIDENCE_MEMORY = 0.9  # the share of a request's own acceptance evidence that carries over to its next step
 
 
 class Speculator:
@@ -27,22 +31,39 @@ class Speculator:
         self.cost = cost
         self.stats = SpeculationFigures()
         self.hidden_states: dict[str, torch.Tensor] = {}  # request id -> final hidden state of its last token
+        self.evidence: dict[str, list[float]] = {}  # request id -> [accepted, rejections], fading (acceptance())
+        # Measured against predicted seconds: decode steps without drafts, with drafts, and a draft model's drafting;
+        # and seconds per drafting step where no draft model prices it (a Calibration against 1 s a step).
+        self.plain_steps, self.verify_steps, self.drafting = Calibration(), Calibration(), Calibration()
+        self.unpriced_drafting = Calibration()
+        self._predicted_draft_seconds: float | None = None  # the price of this step's drafting (None: no drafting)
+
+    @property
+    def scales(self) -> StepScales:
+        if not self.config.calibrate:
+            return StepScales()
+        return StepScales(self.plain_steps.ratio, self.verify_steps.ratio, self.drafting.ratio,
+                          self.unpriced_drafting.ratio if self.unpriced_drafting.predicted else 0.0)
 
     def propose(self, decoding: list[Request], num_other_tokens: int) -> None:
         """Set the `draft` of each decoding request (empty where speculation does not pay)."""
         eligible = [r for r in decoding if r.params.use_speculation]
+        self._predicted_draft_seconds = None
         for request in decoding:
             request.draft = DraftTree()
+        self.evidence = {r.request_id: [n * EVIDENCE_MEMORY for n in self.evidence[r.request_id]]
+                         for r in eligible if r.request_id in self.evidence}
         # A draft longer than the tokens the request may still generate is wasted work.
         room = [min(self.config.num_speculative_tokens, r.max_tokens - r.num_output_tokens - 1) for r in eligible]
-        acceptance = [self.acceptance(r) for r in eligible]
+        engine_rate = self.engine_acceptance()
+        acceptance = [self.acceptance(r, engine_rate) for r in eligible]
         num_base_tokens = len(decoding) + num_other_tokens
         # Each verified draft token reads its request's context again, as its decode row does.
         contexts = [r.num_tokens for r in eligible]
         base_context = sum(r.num_tokens for r in decoding)
         # Where drafting would not pay even if fully used (a large batch), skip it altogether.
         depth = choose_draft_depth(acceptance, room, num_base_tokens, self.cost, self.proposer.draft_step_cost,
-                                   contexts, base_context, self._catch_up_seconds(eligible, acceptance))
+                                   contexts, base_context, self._catch_up_seconds(eligible, acceptance), self.scales)
         if depth == 0:
             return
         hidden = None
@@ -50,7 +71,9 @@ class Speculator:
             self.hidden_states = {r.request_id: self.hidden_states[r.request_id] for r in decoding
                                   if r.request_id in self.hidden_states}
             hidden = [self.hidden_states.get(r.request_id) for r in eligible]
+        catch_up = [self.proposer.catch_up_tokens(r) for r in eligible]
         drafts = self.proposer.propose(eligible, [min(n, depth) for n in room], hidden)
+        self._predicted_draft_seconds = self._draft_seconds(eligible, drafts, catch_up)
         chosen = choose_draft_nodes(acceptance, drafts, num_base_tokens, self.cost, contexts, base_context)
         for request, draft in zip(eligible, chosen):
             request.draft = draft
@@ -71,20 +94,63 @@ class Speculator:
                 seconds += draft_cost.cost(missing) / max(steps_left, 1.0)
         return seconds
 
+    def _draft_seconds(self, requests: list[Request], drafts: list[DraftTree], catch_up: list[int]) -> float | None:
+        """The cost model's price of the drafting just done: a draft-model step for each level of the deepest draft
+        over the requests that drafted, and the catch-up of tokens beyond each one's last. 0 for proposers with no
+        draft model to price (their drafting is measured as it is); None where a draft model drafted nothing."""
+        draft_cost = self.proposer.draft_step_cost
+        if draft_cost is None:
+            return 0.0
+        drafted = [r for r, tree in zip(requests, drafts) if len(tree)]
+        if not drafted:
+            return None
+        passes = max(max(tree.depths()) for tree in drafts if len(tree))
+        seconds = passes * draft_cost.cost(len(drafted), sum(r.num_tokens for r in drafted))
+        missing = sum(n - 1 for n in catch_up if n > 1)
+        if missing:
+            seconds += (self.cost if self.proposer.catch_up_on_target_weights else draft_cost).cost(missing)
+        return seconds
+
+    def observe_step(self, scheduled: list[ScheduledRequest], propose_seconds: float, step_seconds: float) -> None:
+        """The measured seconds of the step just run, against the cost model's prices: its drafting, if any, and
+        the step itself where it ran decode rows (with or without drafts) only, which is what the model prices."""
+        if self._predicted_draft_seconds:
+            self.drafting.add(propose_seconds, self._predicted_draft_seconds)
+        elif self._predicted_draft_seconds == 0.0:  # drafted, with nothing to price it by
+            self.unpriced_drafting.add(propose_seconds, 1.0)
+        if not scheduled or any(item.num_new_tokens - len(item.draft) != 1 for item in scheduled):
+            return
+        rows = sum(item.num_new_tokens for item in scheduled)
+        context = sum(item.request.num_tokens * item.num_new_tokens for item in scheduled)
+        steps = self.verify_steps if any(len(item.draft) for item in scheduled) else self.plain_steps
+        steps.add(step_seconds, self.cost.cost(rows, context))
+
     def observe(self, hidden_states: dict[str, torch.Tensor]) -> None:
         """The final hidden state of the token each request got last, for proposers that draft from it."""
         self.hidden_states.update(hidden_states)
 
-    def acceptance(self, request: Request) -> float:
-        """Per-token acceptance, as a geometric rate: accepted / (accepted + first rejections)."""
-        engine = self.stats
-        engine_rate = (engine.num_accepted_tokens + PRIOR_WEIGHT * self.proposer.prior_acceptance) / (
-            engine.num_accepted_tokens + engine.num_rejections + PRIOR_WEIGHT)
-        own = request.metrics
-        return (own.num_accepted_tokens + PRIOR_WEIGHT * engine_rate) / (
-            own.num_accepted_tokens + own.num_rejections + PRIOR_WEIGHT)
+    def engine_acceptance(self) -> float:
+        """The engine's per-token acceptance (accepted / (accepted + first rejections)): a Beta posterior around the
+        proposer's prior, read optimistically, at its mean plus one standard deviation. While little is known
+        drafting goes on, and learns: a plain estimate turned drafting off for good after one early rejection,
+        since only drafting gives evidence. The optimism shrinks as verifications add up."""
+        stats = self.stats
+        trials = stats.num_accepted_tokens + stats.num_rejections + PRIOR_WEIGHT
+        mean = (stats.num_accepted_tokens + PRIOR_WEIGHT * self.proposer.prior_acceptance) / trials
+        return min(mean + math.sqrt(mean * (1.0 - mean) / (trials + 1.0)), 1.0)
+
+    def acceptance(self, request: Request, engine_rate: float | None = None) -> float:
+        """A request's per-token acceptance: its own evidence, leaning on the engine's rate until it has some.
+        That evidence fades by EVIDENCE_MEMORY a step: acceptance changes as a text goes on (copying, then free
+        writing), and a request whose drafts stopped paying tries again once the engine's rate says they may."""
+        engine_rate = self.engine_acceptance() if engine_rate is None else engine_rate
+        accepted, rejections = self.evidence.get(request.request_id, (0.0, 0.0))
+        return (accepted + PRIOR_WEIGHT * engine_rate) / (accepted + rejections + PRIOR_WEIGHT)
 
     def record(self, request: Request, num_drafted: int, depth: int, num_accepted: int) -> None:
+        evidence = self.evidence.setdefault(request.request_id, [0.0, 0.0])
+        evidence[0] += num_accepted
+        evidence[1] += num_accepted < depth
         request.metrics.record(num_drafted, depth, num_accepted)
         self.stats.record(num_drafted, depth, num_accepted)
         self.proposer.record(num_drafted, num_accepted)

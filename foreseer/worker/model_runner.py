@@ -99,8 +99,8 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         # Decode rows first (one-token decodes and chains to verify): the backend attends over them as one batch.
         # Within each kind, requests of one LoRA adapter side by side: each adapter's rows are one slice.
-        items = sorted(sched.scheduled, key=lambda s: (not _decodes(s.num_new_tokens - len(s.draft), s.draft),
-                                                       _lora_id(s.request)))
+        items = sorted(sched.scheduled, key=lambda s: (
+            not runs_as_decode_rows(s.num_new_tokens - len(s.draft), s.draft), _lora_id(s.request)))
         segments = []
         sample_requests = []
         sample_drafts = []
@@ -187,8 +187,13 @@ class Batch:
     sample_slots: list[list[int]]  # per sampling segment: cache slots of its last real token and its draft nodes
 
 
-def prepare_batch(segments: Sequence[Segment], block_size: int, device: torch.device) -> Batch:
-    """Flatten segments (one-token decodes first, for the backend's batched decode path) into model inputs."""
+def prepare_batch(segments: Sequence[Segment], block_size: int, device: torch.device,
+                  max_decode_run: int = 1) -> Batch:
+    """Flatten segments (decodes first, for the backend's batched decode path) into model inputs.
+
+    A segment of at most `max_decode_run` new tokens over cached context, followed by a chain of drafts or none,
+    runs as decode rows. The target keeps 1: its prompt chunks then always take the prefill kernels, as the
+    reference does. A draft model, whose numbers need not match anything, runs its catch-ups as decode rows."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -207,7 +212,7 @@ def prepare_batch(segments: Sequence[Segment], block_size: int, device: torch.de
         positions.extend(range(start, start + num_real))
         positions.extend(start + num_real - 1 + depth for depth in draft.depths())
         slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
-        if _decodes(num_real, draft):
+        if runs_as_decode_rows(num_real, draft, start, max_decode_run):
             if prefills:
                 raise ValueError("decode segments must come before prefill chunks and trees")
             # A chain's token j sees the cache up to itself: a decode row of its own, all on one block table.
@@ -241,9 +246,10 @@ def _lora_id(request: Request) -> int:
     return 0 if request.lora_request is None else request.lora_request.lora_int_id
 
 
-def _decodes(num_real: int, draft: DraftTree) -> bool:
-    """Whether a segment runs as decode rows: one new token, with or without a chain of drafts after it."""
-    return num_real == 1 and draft.is_chain
+def runs_as_decode_rows(num_real: int, draft: DraftTree, start: int = 1, max_run: int = 1) -> bool:
+    """Whether a segment runs as decode rows: one new token (up to `max_run` over cached context), with or without
+    a chain of drafts after it."""
+    return (num_real == 1 or (start > 0 and num_real <= max_run)) and draft.is_chain
 
 
 @torch.inference_mode()
