@@ -264,7 +264,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     serve_args = ServeBenchArgs(
         base_url=args.base_url, model=args.model, dataset=args.dataset, num_prompts=args.num_prompts,
         request_rate=args.request_rate, max_concurrency=args.max_concurrency, max_tokens=args.max_tokens,
-        seed=args.seed, api_key=args.api_key, output_json=args.output_json,
+        output_len_from_dataset=args.output_len_from_dataset, tokenizer=args.tokenizer, seed=args.seed,
+        api_key=args.api_key, output_json=args.output_json,
     )
     if args.policies:
         from foreseer.bench import serve_policies
@@ -403,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help="requests per second, Poisson arrivals; inf sends all at once")
     bench_serve.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     bench_serve.add_argument("--max-tokens", type=int, default=256)
+    bench_serve.add_argument("--output-len-from-dataset", action="store_true",
+                             help="each request's max_tokens: its dataset answer's length (at most --max-tokens)")
+    bench_serve.add_argument("--tokenizer", default="smollm2-135m-instruct",
+                             help="model whose tokenizer counts the dataset answers' tokens")
     bench_serve.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
     bench_serve.add_argument("--api-key", default=None)
     bench_serve.add_argument("--output-json", default=None)

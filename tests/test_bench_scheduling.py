@@ -79,3 +79,26 @@ def test_bench_serve_starts_a_server_per_policy(tiny_llama, dataset, tmp_path):
         assert row["e2e_latency_ms"]["p99"] >= row["e2e_latency_ms"]["p50"]
     assert plot.stat().st_size > 1000
     assert "max wait" in result.stdout
+
+
+def test_output_lengths_from_the_dataset_answers(tiny_llama, tmp_path):
+    """--output-len-from-dataset: each request asks for its dataset answer's length in tokens, capped at
+    --max-tokens (vLLM's ShareGPT serving workload); conversations without an answer are skipped."""
+    from foreseer.bench.serve import ServeBenchArgs, request_lengths
+    from foreseer.models.loader import load_tokenizer, resolve_model
+
+    answers = ["ok", "the quick brown fox", "a long answer " * 20]
+    conversations = [{"conversations": [{"from": "human", "value": "no answer here"}]}] + [
+        {"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": a}]}
+        for i, a in enumerate(answers)]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(conversations))
+    args = ServeBenchArgs(dataset=str(path), num_prompts=3, max_tokens=12, output_len_from_dataset=True,
+                          tokenizer=tiny_llama)
+    questions, lengths = request_lengths(args)
+    tokenizer = load_tokenizer(resolve_model(tiny_llama))
+    counts = [len(tokenizer.encode(a, add_special_tokens=False)) for a in answers]
+    assert questions == ["question 0", "question 1", "question 2"]
+    assert lengths == [min(12, c) for c in counts] and lengths[-1] == 12 and lengths[0] < 12
+    fixed = request_lengths(ServeBenchArgs(dataset=str(path), num_prompts=3, max_tokens=12))
+    assert fixed == (["no answer here", "question 0", "question 1"], [12, 12, 12])

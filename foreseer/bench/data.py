@@ -23,6 +23,27 @@ def load_sharegpt_turns(path: str, role: str) -> list[str]:
     return texts
 
 
+def load_sharegpt_pairs(path: str, num: int) -> list[tuple[str, str]]:
+    """(first human turn, first answer after it) of the first `num` conversations that have both."""
+    if not os.path.isfile(path):
+        raise ValueError(f"dataset {path!r} not found")
+    with open(path) as f:
+        data = json.load(f)
+    pairs = []
+    for conversation in data:
+        turns = conversation.get("conversations") or []
+        first = next((i for i, t in enumerate(turns) if t.get("from") == "human" and t.get("value", "").strip()),
+                     None)
+        answer = None if first is None else next(
+            (t["value"].strip() for t in turns[first + 1:] if t.get("from") == "gpt" and t.get("value", "").strip()),
+            None)
+        if answer is not None:
+            pairs.append((turns[first]["value"].strip(), answer))
+            if len(pairs) == num:
+                return pairs
+    raise ValueError(f"dataset {path!r} has {len(pairs)} conversations with a question and an answer; {num} asked for")
+
+
 def load_sharegpt_questions(path: str, num: int, skip: int = 0) -> list[str]:
     """The first human turn of conversations `skip` .. `skip + num` that have one."""
     questions = load_sharegpt_turns(path, "human")

@@ -1,7 +1,9 @@
 """Online serving benchmark: ShareGPT questions sent as streaming chat completions to any OpenAI-compatible server.
 
 Only the HTTP API is used, so the same run measures Foreseer, vLLM or any other server. Requests arrive as a
-Poisson process at --request-rate (or all at once for inf), at most --max-concurrency in flight.
+Poisson process at --request-rate (or all at once for inf), at most --max-concurrency in flight. Each request asks
+for --max-tokens, or, with --output-len-from-dataset, for as many tokens as the dataset's own answer to it has (at
+most --max-tokens), as vLLM's ShareGPT serving benchmark does: a workload of short and long requests.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from foreseer.bench.data import DEFAULT_DATASET, load_sharegpt_questions
+from foreseer.bench.data import DEFAULT_DATASET, load_sharegpt_pairs, load_sharegpt_questions
 from foreseer.bench.report import write_json
 
 
@@ -30,6 +32,8 @@ class ServeBenchArgs:
     request_rate: float = math.inf  # requests per second
     max_concurrency: int | None = None
     max_tokens: int = 256
+    output_len_from_dataset: bool = False  # each request's max_tokens: its dataset answer's length (capped)
+    tokenizer: str = "smollm2-135m-instruct"  # counts the dataset answers' tokens
     seed: int = 0  # of the arrival times
     api_key: str | None = None
     output_json: str | None = None
@@ -90,8 +94,21 @@ async def send_chat_request(client: httpx.AsyncClient, model: str, question: str
     return RequestResult(True, latency, ttft, usage["prompt_tokens"], usage["completion_tokens"])
 
 
+def request_lengths(args: ServeBenchArgs) -> tuple[list[str], list[int]]:
+    """The questions and each one's max_tokens."""
+    if not args.output_len_from_dataset:
+        return load_sharegpt_questions(args.dataset, args.num_prompts), [args.max_tokens] * args.num_prompts
+    from foreseer.models.loader import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(args.tokenizer))
+    pairs = load_sharegpt_pairs(args.dataset, args.num_prompts)
+    lengths = [max(1, min(args.max_tokens, len(tokenizer.encode(answer, add_special_tokens=False))))
+               for _, answer in pairs]
+    return [question for question, _ in pairs], lengths
+
+
 async def benchmark(args: ServeBenchArgs) -> dict:
-    questions = load_sharegpt_questions(args.dataset, args.num_prompts)
+    questions, max_tokens = request_lengths(args)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     # Unlimited connections: the benchmark's own limits are the arrival rate and --max-concurrency.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -101,26 +118,27 @@ async def benchmark(args: ServeBenchArgs) -> dict:
         in_flight = asyncio.Semaphore(args.max_concurrency or len(questions))
         bar = tqdm(total=len(questions), desc="bench serve", unit="req")
 
-        async def one(question: str) -> RequestResult:
+        async def one(question: str, limit: int) -> RequestResult:
             async with in_flight:
-                result = await send_chat_request(client, model, question, args.max_tokens, headers)
+                result = await send_chat_request(client, model, question, limit, headers)
             bar.update(1)
             return result
 
         arrivals = random.Random(args.seed)
         tasks = []
         start = time.perf_counter()
-        for i, question in enumerate(questions):
+        for i, (question, limit) in enumerate(zip(questions, max_tokens)):
             if i and math.isfinite(args.request_rate):
                 await asyncio.sleep(arrivals.expovariate(args.request_rate))
-            tasks.append(asyncio.create_task(one(question)))
+            tasks.append(asyncio.create_task(one(question, limit)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         bar.close()
-    return _report(args, model, results, duration)
+    return _report(args, model, results, duration, max_tokens)
 
 
-def _report(args: ServeBenchArgs, model: str, results: list[RequestResult], duration: float) -> dict:
+def _report(args: ServeBenchArgs, model: str, results: list[RequestResult], duration: float,
+            max_tokens: list[int]) -> dict:
     done = [r for r in results if r.ok]
     output_tokens = sum(r.output_tokens for r in done)
     prompt_tokens = sum(r.prompt_tokens for r in done)
@@ -133,6 +151,7 @@ def _report(args: ServeBenchArgs, model: str, results: list[RequestResult], dura
         # JSON has no infinity
         "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
         "max_concurrency": args.max_concurrency, "max_tokens": args.max_tokens,
+        "output_len_from_dataset": args.output_len_from_dataset, "mean_max_tokens": sum(max_tokens) / len(max_tokens),
         "duration_s": duration, "completed": len(done), "failed": len(results) - len(done),
         "total_prompt_tokens": prompt_tokens, "total_output_tokens": output_tokens,
         "request_throughput": len(done) / duration, "output_throughput": output_tokens / duration,
@@ -141,7 +160,7 @@ def _report(args: ServeBenchArgs, model: str, results: list[RequestResult], dura
         "tpot_ms": _summary([r.tpot_s for r in done]),
         "e2e_latency_ms": _summary([r.latency_s for r in done]),
         "errors": errors,
-        "requests": [{**asdict(r), "tpot_s": r.tpot_s} for r in results],
+        "requests": [{**asdict(r), "tpot_s": r.tpot_s, "max_tokens": limit} for r, limit in zip(results, max_tokens)],
     }
 
 
@@ -176,7 +195,9 @@ def run(args: ServeBenchArgs) -> dict:
 def format_report(report: dict) -> str:
     lines = [
         f"model {report['model']} at {report['base_url']}: request rate {report['request_rate']}, "
-        f"max concurrency {report['max_concurrency']}, max tokens {report['max_tokens']}",
+        f"max concurrency {report['max_concurrency']}, max tokens {report['max_tokens']}"
+        + (f" (the dataset answers' lengths, {report['mean_max_tokens']:.0f} on average)"
+           if report["output_len_from_dataset"] else ""),
         f"completed {report['completed']}, failed {report['failed']} in {report['duration_s']:.1f} s",
         f"request throughput {report['request_throughput']:.3f} req/s, output {report['output_throughput']:.1f} "
         f"tok/s, total {report['total_token_throughput']:.1f} tok/s",

@@ -90,7 +90,8 @@ def _bench_policy(policy: str, args: PolicyBenchArgs) -> list[dict]:
 def run(args: PolicyBenchArgs) -> dict:
     results = [row for policy in args.policies for row in _bench_policy(policy, args)]
     report = {"policies": args.policies, "request_rates": args.request_rates, "server_args": args.server_args,
-              "num_prompts": args.serve.num_prompts, "max_tokens": args.serve.max_tokens, "results": results}
+              "num_prompts": args.serve.num_prompts, "max_tokens": args.serve.max_tokens,
+              "output_len_from_dataset": args.serve.output_len_from_dataset, "results": results}
     print(format_table(report))
     write_json(report, args.output_json)
     if args.plot:
@@ -99,7 +100,8 @@ def run(args: PolicyBenchArgs) -> dict:
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{report['num_prompts']} prompts, up to {report['max_tokens']} new tokens, server: "
+    lengths = " (each its dataset answer's length)" if report.get("output_len_from_dataset") else ""
+    lines = [f"{report['num_prompts']} prompts, up to {report['max_tokens']} new tokens{lengths}, server: "
              f"{report['server_args'] or '(defaults)'}",
              f"{'policy':<8}{'rate':>6}{'e2e mean':>10}{'p50':>9}{'p99':>9}{'ttft mean':>11}{'p50':>9}{'p99':>9}"
              f"{'max wait':>10}{'req/s':>8}{'tok/s':>8}   (seconds)"]
