@@ -190,7 +190,7 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
         dataset=args.dataset, methods=args.methods, num_speculative_tokens=args.num_speculative_tokens,
         batch_sizes=args.batch_sizes, num_prompts=args.num_prompts, batch_1_prompts=args.batch_1_prompts,
         max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, repeats=args.repeats,
-        spec_options=options, output_json=args.output_json, plot=args.plot,
+        control=not args.no_control, spec_options=options, output_json=args.output_json, plot=args.plot,
     ))
     return 0
 
@@ -206,7 +206,7 @@ def cmd_bench_lora(args: argparse.Namespace) -> int:
         zipf_alpha=args.zipf_alpha, num_prompts=args.num_prompts, skip_prompts=args.skip_prompts,
         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, ranks=args.ranks,
         target_modules=args.target_modules, shipped=not args.no_shipped, adapter_dir=args.adapter_dir,
-        adapter_seed=args.adapter_seed, naive=not args.no_naive, cold_start=args.cold_start,
+        adapter_seed=args.adapter_seed, naive=not args.no_naive, repeats=args.repeats, cold_start=args.cold_start,
         output_json=args.output_json, plot=args.plot,
     ))
     return 0
@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--repeats", type=int, default=1,
                       help="runs of the prompts per engine and batch size (a fresh prefix cache each); the fastest "
                            "counts")
+    spec.add_argument("--no-control", action="store_true",
+                      help="skip the second engine without speculation that shows the run's noise")
     spec.add_argument("--output-json", default=None)
     spec.add_argument("--plot", default=None, help="PNG of the speedup against batch size")
     _add_engine_args(spec)
@@ -373,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_lora.add_argument("--adapter-seed", type=int, default=0,
                             help="seed of the random adapters and of which adapter each request gets")
     bench_lora.add_argument("--no-naive", action="store_true", help="skip the merge-one-at-a-time baseline")
+    bench_lora.add_argument("--repeats", type=int, default=1,
+                            help="rounds of each cell's base, multi-LoRA and naive runs; each one's fastest counts")
     bench_lora.add_argument("--cold-start", action="store_true",
                             help="time the adapters' disk reads too (default: the cell's adapters start in host "
                                  "memory, as in S-LoRA's experiments)")

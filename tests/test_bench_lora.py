@@ -30,10 +30,11 @@ def test_bench_lora_cli_reports_every_cell_and_matches_the_naive_way(tiny_llama,
     out, plot = tmp_path / "lora.json", tmp_path / "lora.png"
     status = main(["bench", "lora", "--model", tiny_llama, "--kv-cache-gib", "0.01", "--dataset", str(dataset),
                    "--num-adapters", "1", "3", "--num-prompts", "6", "--max-tokens", "8",
-                   "--max-prompt-tokens", "64", "--output-json", str(out), "--plot", str(plot)])
+                   "--max-prompt-tokens", "64", "--repeats", "2", "--output-json", str(out), "--plot", str(plot)])
     assert status == 0
     assert plot.read_bytes().startswith(b"\x89PNG")
     report = json.loads(out.read_text())
+    assert report["repeats"] == 2
     assert report["adapters"]["shipped"] == []  # none ship for this model: random adapters only
     assert (report["max_loras"], report["max_lora_rank"]) == (8, 64)
     assert report["base"]["output_tokens"] == 6 * 8
@@ -41,8 +42,9 @@ def test_bench_lora_cli_reports_every_cell_and_matches_the_naive_way(tiny_llama,
     assert set(cells) == {(1, "uniform"), (1, "zipf"), (3, "uniform"), (3, "zipf")}
     for (num, _), row in cells.items():
         assert 1 <= row["distinct_adapters"] <= num
-        for run in ("lora", "naive"):
+        for run in ("base", "lora", "naive"):  # each cell times all three ways itself
             assert row[run]["output_tokens"] == 6 * 8 and row[run]["output_tokens_per_s"] > 0
+        assert row["ratio_to_base"] == row["lora"]["output_tokens_per_s"] / row["base"]["output_tokens_per_s"]
         assert row["naive"]["merges"] == row["distinct_adapters"]
         # The cell's adapters were read into host memory before the clock started: none was read while timed.
         assert row["lora"]["sync_loads"] == row["lora"]["prefetch_loads"] == 0 and row["lora"]["adapter_read_s"] > 0

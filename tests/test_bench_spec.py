@@ -31,6 +31,8 @@ def test_bench_spec_reports_speedup_acceptance_and_identical_outputs(tiny_llama,
     drafted = 0
     for row in report["results"]:
         assert row["baseline"]["output_tokens_per_s"] > 0
+        # The control: an identical engine without speculation, the same answers.
+        assert row["control"]["identical_outputs"] == row["num_prompts"] and row["control"]["speedup"] > 0
         for result in row["methods"].values():
             assert result["identical_outputs"] == row["num_prompts"] and result["mismatched_prompts"] == []
             assert result["output_tokens"] == row["baseline"]["output_tokens"]

@@ -6,8 +6,8 @@ import torch
 from foreseer import LLM, SamplingParams
 from foreseer.config import SpeculativeConfig
 from foreseer.spec import NgramProposer
-from foreseer.spec.draft_model import OwnKV
 from foreseer.spec.cost_model import StepCostModel, choose_draft_nodes
+from foreseer.spec.draft_model import OwnKV
 from foreseer.spec.medusa import MedusaConfig, MedusaHeads
 from foreseer.spec.proposer import DraftProposer
 from foreseer.spec.rejection import verify_greedy, verify_sampling

@@ -8,15 +8,18 @@ import os
 DEFAULT_DATASET = os.path.join("..", "shared", "datasets", "sharegpt_first_turns.json")
 
 
-def load_sharegpt_turns(path: str, role: str) -> list[str]:
-    """The first `role` turn ("human" or "gpt") of each conversation that has a non-empty one."""
+def _conversations(path: str) -> list[list[dict]]:
+    """Each conversation's turns."""
     if not os.path.isfile(path):
         raise ValueError(f"dataset {path!r} not found")
     with open(path) as f:
-        data = json.load(f)
+        return [conversation.get("conversations") or [] for conversation in json.load(f)]
+
+
+def load_sharegpt_turns(path: str, role: str) -> list[str]:
+    """The first `role` turn ("human" or "gpt") of each conversation that has a non-empty one."""
     texts = []
-    for conversation in data:
-        turns = conversation.get("conversations") or []
+    for turns in _conversations(path):
         text = next((t.get("value", "") for t in turns if t.get("from") == role), "").strip()
         if text:
             texts.append(text)
@@ -25,13 +28,8 @@ def load_sharegpt_turns(path: str, role: str) -> list[str]:
 
 def load_sharegpt_pairs(path: str, num: int) -> list[tuple[str, str]]:
     """(first human turn, first answer after it) of the first `num` conversations that have both."""
-    if not os.path.isfile(path):
-        raise ValueError(f"dataset {path!r} not found")
-    with open(path) as f:
-        data = json.load(f)
     pairs = []
-    for conversation in data:
-        turns = conversation.get("conversations") or []
+    for turns in _conversations(path):
         first = next((i for i, t in enumerate(turns) if t.get("from") == "human" and t.get("value", "").strip()),
                      None)
         answer = None if first is None else next(

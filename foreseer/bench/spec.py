@@ -33,6 +33,9 @@ GROUNDED_TEMPLATES = (
 MIN_TEXT_CHARS = 500  # a "long text": a short answer gives the model little to copy from
 WARMUP_PROMPTS, WARMUP_TOKENS = 2, 16
 BASELINE = "none"  # the engine without speculation
+# A second engine without speculation, timed like the others: how far two identical engines read apart in one run
+# (the noise floor that a method's speedup must be read against).
+CONTROL = "control"
 
 # Builds an engine: None for no speculation, else a speculative_config dict.
 LLMFactory = Callable[[dict | None], LLM]
@@ -49,6 +52,7 @@ class SpecBenchArgs:
     max_tokens: int = 128
     max_prompt_tokens: int = 512
     repeats: int = 1  # runs of the prompts per engine and batch size; the fastest counts
+    control: bool = True  # also time a second engine without speculation
     spec_options: dict = field(default_factory=dict)  # further speculative_config keys, e.g. prompt_lookup_max
     output_json: str | None = None
     plot: str | None = None
@@ -179,6 +183,9 @@ def plot_speedups(report: dict, path: str) -> None:
             rows = [r for r in report["results"] if r["prompt_set"] == prompt_set]
             ax.plot([r["batch_size"] for r in rows], [r["methods"][method]["speedup"] for r in rows], marker="o",
                     label=f"{method}, {prompt_set} prompts")
+    controls = [r["control"]["speedup"] for r in report["results"] if "control" in r]
+    if controls:  # the spread of an identical engine without speculation: the run's noise
+        ax.axhspan(min(controls), max(controls), color="gray", alpha=0.2, label="engine without speculation (noise)")
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_xticks(report["batch_sizes"], [str(b) for b in report["batch_sizes"]])
@@ -203,6 +210,7 @@ def run(make_llm: LLMFactory, args: SpecBenchArgs) -> dict:
             or args.repeats < 1):
         raise ValueError("batch sizes, --num-prompts, --batch-1-prompts and --repeats must be >= 1")
     baseline_llm = make_llm(None)
+    controls = {CONTROL: make_llm(None)} if args.control else {}
     llms: dict[str, LLM] = {}
     skipped: dict[str, str] = {}
     for method in methods:
@@ -221,7 +229,7 @@ def run(make_llm: LLMFactory, args: SpecBenchArgs) -> dict:
     # The C++ kernels compile and the allocator settles on first use; grounded prompts draft, so verification
     # steps warm up too.
     warmup = SamplingParams(temperature=0, max_tokens=WARMUP_TOKENS)
-    for llm in [baseline_llm, *llms.values()]:
+    for llm in [baseline_llm, *controls.values(), *llms.values()]:
         llm.generate(prompt_sets["grounded"][:WARMUP_PROMPTS], warmup, use_tqdm=False)
 
     report = {
@@ -229,7 +237,8 @@ def run(make_llm: LLMFactory, args: SpecBenchArgs) -> dict:
         "num_speculative_tokens": args.num_speculative_tokens, "spec_options": args.spec_options,
         "batch_sizes": sorted(args.batch_sizes), "num_prompts": args.num_prompts,
         "batch_1_prompts": args.batch_1_prompts, "max_tokens": args.max_tokens,
-        "max_prompt_tokens": args.max_prompt_tokens, "repeats": args.repeats, "prompt_sets": list(prompt_sets),
+        "max_prompt_tokens": args.max_prompt_tokens, "repeats": args.repeats, "control": args.control,
+        "prompt_sets": list(prompt_sets),
         "mean_prompt_tokens": {name: sum(map(len, p)) / len(p) for name, p in prompt_sets.items()},
         "threads": torch.get_num_threads(), "attention_backend": baseline_llm.engine.runner.backend.name,
         "results": [],
@@ -239,11 +248,19 @@ def run(make_llm: LLMFactory, args: SpecBenchArgs) -> dict:
         for batch_size in report["batch_sizes"]:
             prompts = all_prompts[:args.batch_1_prompts] if batch_size == 1 else all_prompts
             before = {m: copy.deepcopy(llm.engine.spec_stats) for m, llm in llms.items()}
-            runs = run_interleaved({BASELINE: baseline_llm, **llms}, prompts, batch_size, args.max_tokens,
-                                   args.repeats)
+            runs = run_interleaved({BASELINE: baseline_llm, **controls, **llms}, prompts, batch_size,
+                                   args.max_tokens, args.repeats)
             baseline, baseline_tokens = runs[BASELINE]
             row = {"prompt_set": name, "batch_size": batch_size, "num_prompts": len(prompts),
                    "baseline": baseline.as_dict(), "methods": {}}
+            if controls:
+                control, control_tokens = runs[CONTROL]
+                row["control"] = {**control.as_dict(), "speedup": control.output_tokens_per_s
+                                  / baseline.output_tokens_per_s,
+                                  "identical_outputs": sum(a == b for a, b in zip(control_tokens, baseline_tokens))}
+                print(_row([name, batch_size, CONTROL, len(prompts), baseline.output_tokens_per_s,
+                            control.output_tokens_per_s, row["control"]["speedup"], None, None,
+                            f"{row['control']['identical_outputs']}/{len(prompts)}", ""]), flush=True)
             for method, llm in llms.items():
                 # The engine's totals also hold earlier runs.
                 figures = _difference(llm.engine.spec_stats, before[method])

@@ -222,7 +222,8 @@ class DraftModelProposer(DraftProposer):
                    quantized=int8).timed(runner)
 
     def timed(self, runner: ModelRunner) -> DraftModelProposer:
-        """Time the draft model's steps, which the engine weighs against what its drafts save."""
+        """Time the draft model's steps, which the engine weighs against what its drafts save. The timing writes
+        into the draft's KV cache, which may be the target's: only an idle engine's cache may be reused after."""
         from foreseer.worker.model_runner import measure_step_costs
 
         self.draft_step_cost = measure_step_costs(self.model, runner.backend, runner.block_size, runner.num_blocks,

@@ -105,6 +105,8 @@ def run(args: SearchLayersArgs, command: str = "") -> dict:
         speculator = spec.engine.speculator
         config = SpeculativeConfig("layer_skip", args.num_speculative_tokens, skip_layers=skip, calibrate=False)
         speculator.proposer = LayerSkipProposer.create(config, spec.engine.runner, spec.engine.block_manager)
+        # Timing the new draft ran it over the target's KV cache, which it shares: cached prefixes are gone.
+        spec.reset_prefix_cache()
         # Drafting is forced (flat step costs, free drafts) so that each set's own speed shows; when serving,
         # the engine weighs the saved set with its measured costs and drafts only where that pays.
         speculator.cost = StepCostModel([1, 2], [1.0, 1.0])
