@@ -60,6 +60,8 @@ def test_forward_matches_per_head_formula():
     for i in range(3):
         expected = hidden + torch.nn.functional.silu(hidden @ heads.weight[i].t() + heads.bias[i])
         torch.testing.assert_close(out[i], expected)
+    # The first k heads alone (a shallow draft runs no more heads than it uses).
+    torch.testing.assert_close(heads(hidden, 2), out[:2])
 
 
 def test_save_load_round_trip(tmp_path):

@@ -471,8 +471,13 @@ def test_measured_step_times_correct_the_price_of_drafting():
     # Free drafts (prompt lookup) at acceptance 0.5, unless drafting itself was measured to take a step's time.
     assert choose_draft_depth([0.5], [5], 1, flat) > 0
     assert choose_draft_depth([0.5], [5], 1, flat, scales=StepScales(draft_overhead=0.03)) == 0
-    # Verification steps measured 2x slower than plain ones.
-    assert choose_draft_depth([0.5], [5], 1, flat, scales=StepScales(verify=2.0)) == 0
+    # Overhead priced per draft level: at 0.9 acceptance a cheap level pays, and fewer levels pay as it grows.
+    cheap = choose_draft_depth([0.9], [5], 1, flat, scales=StepScales(draft_overhead=0.002))
+    dear = choose_draft_depth([0.9], [5], 1, flat, scales=StepScales(draft_overhead=0.015))
+    assert cheap == 5 and 0 < dear < cheap
+    # The target's steps measured 3x slower than at start-up: a draft model's steps, measured as they were, are
+    # cheap beside them now.
+    assert choose_draft_depth([0.9], [5], 1, flat, draft, scales=StepScales(target=3.0, draft=6.0)) == 5
 
 
 def test_acceptance_estimate_keeps_exploring_after_an_early_rejection():

@@ -17,7 +17,7 @@ from foreseer.spec.tree import DraftTree
 # Drafting must promise at least this much more throughput than not drafting: the step-cost measurements drift
 # by a few percent on a busy machine, and a predicted gain within that error turned into measured slowdowns.
 MIN_PREDICTED_GAIN = 0.05
-CALIBRATION_DECAY = 0.95  # the weight a calibration keeps on what it measured before the latest step
+CALIBRATION_DECAY = 0.95  # the weight a calibration keeps on what it measured before the latest step (by default)
 
 
 @dataclass
@@ -47,12 +47,13 @@ class Calibration:
     the target evict each other's weights from the CPU's caches, and drafting has work of its own (measured here:
     int8 draft steps 1.5-2x their start-up time at batch 1, verification steps 1.3x)."""
 
+    decay: float = CALIBRATION_DECAY
     measured: float = 0.0
     predicted: float = 0.0
 
     def add(self, measured: float, predicted: float) -> None:
-        self.measured = CALIBRATION_DECAY * self.measured + measured
-        self.predicted = CALIBRATION_DECAY * self.predicted + predicted
+        self.measured = self.decay * self.measured + measured
+        self.predicted = self.decay * self.predicted + predicted
 
     @property
     def ratio(self) -> float:
@@ -61,12 +62,11 @@ class Calibration:
 
 @dataclass
 class StepScales:
-    """What the speculator has measured of predicted step costs: plain decode steps, steps that verify drafts, and
-    a draft model's steps (each a factor on the cost model's prediction); and the seconds a proposer with no draft
-    model to price spends drafting a step (Medusa's heads each run the lm_head, for one)."""
+    """What the speculator has measured of predicted step costs: the target's decode steps (with drafts to verify or
+    without) and a draft model's steps, each a factor on the cost model's prediction; and the seconds a proposer
+    with no draft model to price spends per draft level (each Medusa head runs the lm_head, for one)."""
 
-    plain: float = 1.0
-    verify: float = 1.0
+    target: float = 1.0
     draft: float = 1.0
     draft_overhead: float = 0.0
 
@@ -128,14 +128,14 @@ def choose_draft_depth(
     scales = scales or StepScales()
     drafting = [i for i, m in enumerate(max_depths) if m > 0]
     expected, drafted, context = float(num_base_tokens), 0, base_context
-    plain_seconds = scales.plain * cost.cost(num_base_tokens, context)
+    plain_seconds = scales.target * cost.cost(num_base_tokens, context)
     best_depth, best_rate = 0, expected / plain_seconds * (1 + MIN_PREDICTED_GAIN)
     for depth in range(1, max(max_depths, default=0) + 1):
         deep_enough = [i for i in drafting if max_depths[i] >= depth]
         expected += sum(acceptance[i] ** depth for i in deep_enough)
         drafted += len(deep_enough)
         context += sum(contexts[i] for i in deep_enough)
-        seconds = scales.verify * cost.cost(num_base_tokens + drafted, context) + scales.draft_overhead
+        seconds = scales.target * cost.cost(num_base_tokens + drafted, context) + depth * scales.draft_overhead
         if draft_cost is not None:
             seconds += scales.draft * (depth * draft_cost.cost(len(drafting), sum(contexts[i] for i in drafting))
                                        + setup_seconds)

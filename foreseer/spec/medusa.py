@@ -48,10 +48,12 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return self.config.num_heads
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] (final, post-norm) -> [num_heads, N, H], ready for the base model's lm_head."""
-        x = hidden.unsqueeze(0).expand(self.num_heads, -1, -1)
-        return x + F.silu(torch.baddbmm(self.bias, x, self.weight.transpose(1, 2)))
+    def forward(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+        """hidden [N, H] (final, post-norm) -> [k, N, H] from the first k = `num_heads` heads (default all), ready for
+        the base model's lm_head."""
+        k = self.num_heads if num_heads is None else num_heads
+        x = hidden.unsqueeze(0).expand(k, -1, -1)
+        return x + F.silu(torch.baddbmm(self.bias[:k], x, self.weight[:k].transpose(1, 2)))
 
     def save(self, directory: str) -> None:
         """medusa_config.json and medusa_heads.safetensors (fp16: half the size, well within training noise)."""

@@ -32,17 +32,21 @@ class Speculator:
         self.stats = SpeculationFigures()
         self.hidden_states: dict[str, torch.Tensor] = {}  # request id -> final hidden state of its last token
         self.evidence: dict[str, list[float]] = {}  # request id -> [accepted, rejections], fading (acceptance())
-        # Measured against predicted seconds: decode steps without drafts, with drafts, and a draft model's drafting;
-        # and seconds per drafting step where no draft model prices it (a Calibration against 1 s a step).
-        self.plain_steps, self.verify_steps, self.drafting = Calibration(), Calibration(), Calibration()
+        # Measured against predicted seconds: the target's decode steps, with drafts or without, and a draft model's
+        # drafting; and seconds per draft level where no draft model prices it (a Calibration against 1 s a level).
+        # One figure for steps with drafts and without: they are the same forward pass, priced by rows and context,
+        # and one measured apart goes stale while the other kind runs (a first decode step measured at twice its
+        # usual time, never measured again once drafting began, kept layer_skip drafting at a 10% loss).
+        self.target_steps, self.drafting = Calibration(), Calibration()
         self.unpriced_drafting = Calibration()
         self._predicted_draft_seconds: float | None = None  # the price of this step's drafting (None: no drafting)
+        self._draft_levels = 0  # how deep this step's drafts go
 
     @property
     def scales(self) -> StepScales:
         if not self.config.calibrate:
             return StepScales()
-        return StepScales(self.plain_steps.ratio, self.verify_steps.ratio, self.drafting.ratio,
+        return StepScales(self.target_steps.ratio, self.drafting.ratio,
                           self.unpriced_drafting.ratio if self.unpriced_drafting.predicted else 0.0)
 
     def propose(self, decoding: list[Request], num_other_tokens: int) -> None:
@@ -74,6 +78,7 @@ class Speculator:
         catch_up = [self.proposer.catch_up_tokens(r) for r in eligible]
         drafts = self.proposer.propose(eligible, [min(n, depth) for n in room], hidden)
         self._predicted_draft_seconds = self._draft_seconds(eligible, drafts, catch_up)
+        self._draft_levels = max((max(tree.depths()) for tree in drafts if len(tree)), default=0)
         chosen = choose_draft_nodes(acceptance, drafts, num_base_tokens, self.cost, contexts, base_context)
         for request, draft in zip(eligible, chosen):
             request.draft = draft
@@ -116,14 +121,13 @@ class Speculator:
         the step itself where it ran decode rows (with or without drafts) only, which is what the model prices."""
         if self._predicted_draft_seconds:
             self.drafting.add(propose_seconds, self._predicted_draft_seconds)
-        elif self._predicted_draft_seconds == 0.0:  # drafted, with nothing to price it by
-            self.unpriced_drafting.add(propose_seconds, 1.0)
+        elif self._predicted_draft_seconds == 0.0 and self._draft_levels:  # drafted, with nothing to price it by
+            self.unpriced_drafting.add(propose_seconds, self._draft_levels)
         if not scheduled or any(item.num_new_tokens - len(item.draft) != 1 for item in scheduled):
             return
         rows = sum(item.num_new_tokens for item in scheduled)
         context = sum(item.request.num_tokens * item.num_new_tokens for item in scheduled)
-        steps = self.verify_steps if any(len(item.draft) for item in scheduled) else self.plain_steps
-        steps.add(step_seconds, self.cost.cost(rows, context))
+        self.target_steps.add(step_seconds, self.cost.cost(rows, context))
 
     def observe(self, hidden_states: dict[str, torch.Tensor]) -> None:
         """The final hidden state of the token each request got last, for proposers that draft from it."""
