@@ -43,6 +43,7 @@ from torch import nn
 from foreseer.bench.data import chat_prompt_ids, load_sharegpt_questions
 from foreseer.bench.report import write_json
 from foreseer.bench.throughput import RunResult
+from foreseer.bench.turns import fastest_in_turns
 from foreseer.llm import LLM
 from foreseer.lora.adapter import SUPPORTED_MODULES, LoRAAdapter, base_targets, load_adapter
 from foreseer.lora.request import LoRARequest
@@ -356,24 +357,13 @@ def run_naive(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest], max_
 
 def run_cell(base_llm: LLM, lora_llm: LLM, prompts: list[list[int]], loras: list[LoRARequest],
              args: LoRABenchArgs) -> dict[str, tuple]:
-    """The cell's requests the three ways (the base model, multi-LoRA, naive), in turns: `args.repeats` rounds,
-    each way going first in turn, and each way's fastest run kept (what run_base, run_lora and run_naive return).
-    A burst of load from a neighbour on this shared machine then slows one run of one way, not the comparison,
-    and every ratio compares runs of the same minutes."""
+    """The cell's requests the three ways (the base model, multi-LoRA, naive), in turns, each way's fastest of
+    `args.repeats` runs kept (what run_base, run_lora and run_naive return)."""
     ways = {"base": lambda: run_base(base_llm, prompts, args.max_tokens),
             "lora": lambda: run_lora(lora_llm, prompts, loras, args.max_tokens, args.cold_start)}
     if args.naive:
         ways["naive"] = lambda: run_naive(base_llm, prompts, loras, args.max_tokens, args.cold_start)
-    names = list(ways)
-    best: dict[str, tuple] = {}
-    for repeat in range(args.repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            result = ways[name]()
-            if name not in best or result[0].elapsed_s < best[name][0].elapsed_s:
-                best[name] = result
-    return best
-
+    return fastest_in_turns(ways, args.repeats, lambda result: result[0].elapsed_s)
 
 
 def run(make_llm: LLMFactory, args: LoRABenchArgs) -> dict:

@@ -23,6 +23,7 @@ import torch
 from foreseer.bench.data import chat_prompt_ids, load_sharegpt_questions, load_sharegpt_turns
 from foreseer.bench.report import write_json
 from foreseer.bench.throughput import RunResult
+from foreseer.bench.turns import fastest_in_turns
 from foreseer.llm import LLM
 from foreseer.sampling_params import SamplingParams
 
@@ -89,30 +90,27 @@ def requests_in_flight(llm: LLM, count: int) -> Iterator[None]:
 def run_interleaved(llms: dict[str, LLM], prompts: list[list[int]], batch_size: int, max_tokens: int,
                     repeats: int = 1) -> dict[str, tuple[RunResult, list[list[int]]]]:
     """Every prompt through each engine with `batch_size` requests in flight: continuous batching gives a finished
-    request's seat to the next prompt, as a server under that load does. The engines take turns, and turns going
-    first; with `repeats` > 1 each engine runs the prompts that many times (a fresh prefix cache each time) and its
-    fastest run counts, as timeit does: a burst of load from a neighbour on this shared machine slows one run, not
-    the result (identical engines read 0.96-1.04x of each other in single runs)."""
+    request's seat to the next prompt, as a server under that load does. The engines take turns, each one's fastest
+    of `repeats` runs counting, each run on a fresh prefix cache (identical engines read 0.96-1.04x of each other
+    in single runs)."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    best = dict.fromkeys(llms, float("inf"))
-    tokens: dict[str, list[list[int]]] = {}
-    names = list(llms)
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            llm = llms[name]
-            llm.reset_prefix_cache()
-            with requests_in_flight(llm, batch_size):
-                start = time.perf_counter()
-                outputs = llm.generate(prompts, params, use_tqdm=False)
-                best[name] = min(best[name], time.perf_counter() - start)
-            for i, out in enumerate(outputs):
-                if out.error:
-                    raise ValueError(f"{name}, prompt {i}: {out.error}")
-            tokens.setdefault(name, [out.outputs[0].token_ids for out in outputs])
     num_prompt_tokens = sum(map(len, prompts))
-    return {name: (RunResult(best[name], len(prompts), num_prompt_tokens, sum(map(len, tokens[name]))),
-                   tokens[name]) for name in llms}
+
+    def run_once(name: str) -> tuple[RunResult, list[list[int]]]:
+        llm = llms[name]
+        llm.reset_prefix_cache()
+        with requests_in_flight(llm, batch_size):
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            elapsed = time.perf_counter() - start
+        for i, out in enumerate(outputs):
+            if out.error:
+                raise ValueError(f"{name}, prompt {i}: {out.error}")
+        tokens = [out.outputs[0].token_ids for out in outputs]
+        return RunResult(elapsed, len(prompts), num_prompt_tokens, sum(map(len, tokens))), tokens
+
+    ways = {name: (lambda name=name: run_once(name)) for name in llms}
+    return fastest_in_turns(ways, repeats, lambda result: result[0].elapsed_s)
 
 
 def _difference(after, before):

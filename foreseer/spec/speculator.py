@@ -77,8 +77,8 @@ class Speculator:
             hidden = [self.hidden_states.get(r.request_id) for r in eligible]
         catch_up = [self.proposer.catch_up_tokens(r) for r in eligible]
         drafts = self.proposer.propose(eligible, [min(n, depth) for n in room], hidden)
-        self._predicted_draft_seconds = self._draft_seconds(eligible, drafts, catch_up)
         self._draft_levels = max((max(tree.depths()) for tree in drafts if len(tree)), default=0)
+        self._predicted_draft_seconds = self._draft_seconds(eligible, drafts, catch_up, self._draft_levels)
         chosen = choose_draft_nodes(acceptance, drafts, num_base_tokens, self.cost, contexts, base_context)
         for request, draft in zip(eligible, chosen):
             request.draft = draft
@@ -99,18 +99,19 @@ class Speculator:
                 seconds += draft_cost.cost(missing) / max(steps_left, 1.0)
         return seconds
 
-    def _draft_seconds(self, requests: list[Request], drafts: list[DraftTree], catch_up: list[int]) -> float | None:
-        """The cost model's price of the drafting just done: a draft-model step for each level of the deepest draft
-        over the requests that drafted, and the catch-up of tokens beyond each one's last. 0 for proposers with no
-        draft model to price (their drafting is measured as it is); None where a draft model drafted nothing."""
+    def _draft_seconds(self, requests: list[Request], drafts: list[DraftTree], catch_up: list[int],
+                       levels: int) -> float | None:
+        """The cost model's price of the drafting just done: a draft-model step for each of the `levels` of the
+        deepest draft over the requests that drafted, and the catch-up of tokens beyond each one's last. 0 for
+        proposers with no draft model to price (their drafting is measured as it is); None where a draft model
+        drafted nothing."""
         draft_cost = self.proposer.draft_step_cost
         if draft_cost is None:
             return 0.0
         drafted = [r for r, tree in zip(requests, drafts) if len(tree)]
         if not drafted:
             return None
-        passes = max(max(tree.depths()) for tree in drafts if len(tree))
-        seconds = passes * draft_cost.cost(len(drafted), sum(r.num_tokens for r in drafted))
+        seconds = levels * draft_cost.cost(len(drafted), sum(r.num_tokens for r in drafted))
         missing = sum(n - 1 for n in catch_up if n > 1)
         if missing:
             seconds += (self.cost if self.proposer.catch_up_on_target_weights else draft_cost).cost(missing)
