@@ -68,47 +68,75 @@ def test_seqsched_by_name_uses_the_shipped_probe_and_reports_bad_names(tiny_engi
         tiny_engine.generate(prompts, params, use_tqdm=False, batching="seqsched")
 
 
-def test_fcr_recomputes_exactly_the_queries_cut_off_at_their_bins_edge(tiny_engine, reference):
+def _edge(length: int, width: int) -> int:
+    return max(math.ceil(length / width), 1) * width
+
+
+def test_fcr_recomputes_exactly_the_queries_cut_off_at_their_batchs_edge(tiny_engine, reference):
     prompts, lengths, params = _workload()
     predicted = [6, 12, 8, 2, 30, 9, 9, 28, 4, 10]  # some under, some over the truth
-    width = 5
+    width, size = 5, 4
     strategy = SequenceScheduling(KnownLengthPredictor({tuple(p): n for p, n in zip(prompts, predicted)}),
-                                  bin_width=width, fcr=True, vbs=False, batch_size=4)
+                                  bin_width=width, fcr=True, vbs=False, batch_size=size)
     outputs = tiny_engine.generate(prompts, params, use_tqdm=False, batching=strategy)
     assert [o.outputs[0].token_ids for o in outputs] == reference
-    cut = {o.request_id for o, n, p in zip(outputs, lengths, predicted) if n > math.ceil(p / width) * width}
-    assert set(strategy.stats.recomputed) == cut and len(cut) == 4
+    # Batches of 4 in predicted order, each limited to its longest member's bin edge; a member is cut where its
+    # answer is longer than that.
+    order = sorted(range(len(prompts)), key=lambda i: predicted[i])
+    limit = {}
+    for start in range(0, len(order), size):
+        batch = order[start:start + size]
+        limit.update((i, _edge(predicted[batch[-1]], width)) for i in batch)
+    cut = {outputs[i].request_id for i in range(len(prompts)) if lengths[i] > limit[i]}
+    assert set(strategy.stats.recomputed) == cut and len(cut) == 3
+    assert strategy.stats.batch_limits[:3] == [10, 15, 26]  # the last batch: its longest max_tokens, under 30
     assert strategy.stats.useful_tokens == sum(lengths)
-    # The cut-off attempts decoded their bin's edge first, then everything again.
-    wasted = sum(math.ceil(p / width) * width for n, p in zip(lengths, predicted) if n > math.ceil(p / width) * width)
+    # The cut-off attempts decoded their batch's edge first, then everything again.
+    wasted = sum(limit[i] for i in range(len(prompts)) if lengths[i] > limit[i])
     assert strategy.stats.generated_tokens == sum(lengths) + wasted
-    # Every batch of a bin ran up to its edge at most, and the recomputation at the full limits.
-    assert strategy.stats.batch_limits[-1] == max(n for n, p in zip(lengths, predicted)
-                                                  if n > math.ceil(p / width) * width)
+    # The recomputation runs at the full limits.
+    assert strategy.stats.batch_limits[-1] == max(lengths[i] for i in range(len(prompts)) if lengths[i] > limit[i])
 
 
-def test_vbs_fills_the_kv_cache_at_each_bins_limit_and_never_overflows(tiny_engine, reference):
+def test_vbs_fills_the_kv_cache_at_each_batchs_limit_and_never_overflows(tiny_llama, reference):
     prompts, lengths, params = _workload()
-    blocks = tiny_engine.engine.block_manager
+    small = LLM(tiny_llama, kv_cache_gib=0.00012, **ENGINE)  # about 60 blocks: not all ten queries at once
+    blocks = small.engine.block_manager
     truth = KnownLengthPredictor({tuple(p): n for p, n in zip(prompts, lengths)})  # the oracle: no failures
     strategy = SequenceScheduling(truth, bin_width=10, fcr=True, vbs=True)
-    outputs = tiny_engine.generate(prompts, params, use_tqdm=False, batching=strategy)
+    outputs = small.generate(prompts, params, use_tqdm=False, batching=strategy)
     assert [o.outputs[0].token_ids for o in outputs] == reference
     assert strategy.stats.num_recomputed == 0
     assert all(o.metrics.num_preemptions == 0 for o in outputs)  # every batch fit in the KV cache
-    # Batches come in predicted order; each is as large as the cache allows at its limit.
+
+    def need(members: list[int], limit: int) -> int:
+        return sum(blocks.blocks_needed(len(prompts[i]) + limit) for i in members)
+
+    # Batches come in predicted order at their longest member's bin edge (here under it: its max_tokens, which the
+    # oracle predicts); each is as large as the cache allows.
     by_length = sorted(range(len(prompts)), key=lambda i: lengths[i])
     start = 0
     for size, limit in zip(strategy.stats.batch_sizes, strategy.stats.batch_limits):
         members = by_length[start:start + size]
-        need = sum(blocks.blocks_needed(len(prompts[i]) + limit) for i in members)
-        assert need <= blocks.num_blocks
-        bin_members = [i for i in by_length[start + size:] if math.ceil(lengths[i] / 10) * 10 == limit]
-        if bin_members:  # the batch stopped early only because the next member of its bin would not fit
-            assert need + blocks.blocks_needed(len(prompts[bin_members[0]]) + limit) > blocks.num_blocks
+        assert limit == min(_edge(lengths[members[-1]], 10), lengths[members[-1]])
+        assert need(members, limit) <= blocks.num_blocks
+        if start + size < len(prompts):  # the batch stopped only because the next query would not fit
+            following = by_length[start + size]
+            assert need(members + [following], lengths[following]) > blocks.num_blocks
         start += size
     assert start == len(prompts)
-    assert strategy.stats.batch_sizes[0] > strategy.stats.batch_sizes[-1]  # short bins get larger batches
+    assert strategy.stats.batch_sizes[0] > strategy.stats.batch_sizes[-1]  # short answers get larger batches
+
+
+def test_a_bins_last_queries_share_a_batch_with_the_next_bin(tiny_engine, reference):
+    """A few queries left over from a bin join the next bin's batch (at its edge) rather than make their own."""
+    prompts, lengths, params = _workload()
+    predicted = [1, 1, 1, 11, 11, 11, 21, 21, 21, 21]  # three bins of 10 tokens, of 3, 3 and 4 queries
+    strategy = SequenceScheduling(KnownLengthPredictor({tuple(p): n for p, n in zip(prompts, predicted)}),
+                                  bin_width=10, fcr=False, vbs=False, batch_size=4)
+    outputs = tiny_engine.generate(prompts, params, use_tqdm=False, batching=strategy)
+    assert [o.outputs[0].token_ids for o in outputs] == reference
+    assert strategy.stats.batch_sizes == [4, 4, 2]  # not [3, 3, 4]
 
 
 def test_static_batches_run_in_arrival_order_with_padding_accounted(tiny_engine, reference):

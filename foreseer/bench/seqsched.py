@@ -108,14 +108,15 @@ def run(make_llm: Callable[[str], LLM], args: SeqschedBenchArgs) -> dict:
                "identical_to_continuous": sum(a == b for a, b in zip(tokens, reference)), **stats.as_dict()}
         report["rows"][name] = row
         print(_format_row(name, row, report["rows"].get("static")), flush=True)
-    base = report["rows"].get("static")
-    for row in report["rows"].values():
-        row["speedup_vs_static"] = row["samples_per_s"] / base["samples_per_s"] if base else None
-    lengths = [len(t) for t in reference]
-    report["answer_lengths"] = {"mean": sum(lengths) / len(lengths),
-                                "share_at_limit": sum(n >= args.max_tokens for n in lengths) / len(lengths)}
+        if name == "continuous":
+            lengths = [len(t) for t in reference]
+            report["answer_lengths"] = {"mean": sum(lengths) / len(lengths),
+                                        "share_at_limit": sum(n >= args.max_tokens for n in lengths) / len(lengths)}
+        base = report["rows"].get("static")
+        for done in report["rows"].values():
+            done["speedup_vs_static"] = done["samples_per_s"] / base["samples_per_s"] if base else None
+        write_json(report, args.output_json)  # after every row: a long run's finished rows survive an interruption
     print(format_table(report))
-    write_json(report, args.output_json)
     return report
 
 

@@ -4,9 +4,10 @@
 - `static`: the baseline of Zheng et al. (2023): fixed batches in arrival order, each run until its last member
   finishes before the next starts.
 - `seqsched`: sequence scheduling (Zheng et al., 2023): per group of queries, predict each answer's length, sort,
-  bin by predicted length, and run each bin in batches whose generation limit is the bin's upper edge (Failure
-  Collection and Recomputation: queries cut at that limit are recomputed after the group with the full limit);
-  with Variable Batch Size, a batch holds as many queries as the KV cache fits at its limit.
+  bin by predicted length, and cut the sorted queries into batches whose generation limit is the upper bin edge
+  of their longest member (Failure Collection and Recomputation: queries cut at that limit are recomputed after
+  the group with the full limit); with Variable Batch Size, a batch holds as many queries as the KV cache fits
+  at its limit.
 
 Every strategy drives the same engine (add_request / step), so none changes what a request generates.
 """
@@ -261,10 +262,11 @@ class SequenceScheduling(BatchingStrategy):
     """Sequence scheduling with response-length perception (Zheng et al., 2023).
 
     Each group of `group_size` queries (in arrival order) is predicted, sorted by predicted length and binned
-    by `bin_width` tokens. Each bin runs in batches; with `fcr`, a batch's generation limit is its bin's upper
-    edge and the queries it cuts off are recomputed after the group with their full limit (without, a batch
-    runs until its last member finishes); with `vbs`, a batch holds as many queries as the KV cache fits at
-    its limit, else every batch has the static batch size. `padded` runs every batch as padded static batching.
+    by `bin_width` tokens, and cut into batches in that order; with `fcr`, a batch's generation limit is the
+    upper bin edge of its longest predicted member and the queries it cuts off are recomputed after the group
+    with their full limit (without, a batch runs until its last member finishes); with `vbs`, a batch holds as
+    many queries as the KV cache fits at its limit, else every batch has the static batch size. `padded` runs
+    every batch as padded static batching.
     """
 
     name = "seqsched"
@@ -325,23 +327,39 @@ class SequenceScheduling(BatchingStrategy):
 
     def _batches(self, llm: LLM, group: list[Job], predicted: list[int],
                  fixed: int) -> list[tuple[list[Job], list[int]]]:
-        """Sorted, binned batches with each member's generation limit."""
-        order = sorted(range(len(group)), key=lambda i: predicted[i])
-        bins: dict[int, list[int]] = {}
-        for i in order:
-            bins.setdefault(max(math.ceil(predicted[i] / self.bin_width), 1), []).append(i)
-        batches = []
-        for index, members in bins.items():
-            edge = index * self.bin_width
-            limits = [min(edge, group[i].max_tokens) if self.fcr else group[i].max_tokens for i in members]
-            while members:
-                # VBS sizes the batch for the bin's predicted lengths; without FCR a longer answer than
-                # predicted may still outgrow it, and the engine then preempts (and recomputes) to make room.
-                size = kv_batch_size(llm, [len(group[i].prompt_token_ids) for i in members],
-                                     min(edge, max(group[i].max_tokens for i in members))) if self.vbs else fixed
-                batches.append(([group[i] for i in members[:size]], limits[:size]))
-                members, limits = members[size:], limits[size:]
-        return batches
+        """Batches cut from the group in predicted order, with each member's generation limit.
+
+        A batch's limit is the upper bin edge of its longest predicted member (with FCR, every member's limit;
+        a member of a shorter bin may use the longer edge at no cost, since the batch runs that long anyway).
+        With VBS a batch takes queries as long as the KV cache holds them all at that limit, else `fixed` of
+        them. A bin's last few queries join the next bin's batch rather than run as a small batch of their own:
+        a decode step reads every weight whatever the number of rows, so a batch of a few rows costs almost as
+        many seconds per step as a full one.
+        """
+        def bin_edge(i: int) -> int:
+            return max(math.ceil(predicted[i] / self.bin_width), 1) * self.bin_width
+
+        batches: list[tuple[list[int], int]] = []  # (members, their longest bin edge)
+        members: list[int] = []
+        for i in sorted(range(len(group)), key=lambda i: predicted[i]):
+            if members and not self._fits(llm, [group[j] for j in members + [i]], bin_edge(i), fixed):
+                batches.append((members, bin_edge(members[-1])))
+                members = []
+            members.append(i)
+        if members:
+            batches.append((members, bin_edge(members[-1])))
+        return [([group[i] for i in batch],
+                 [min(edge, group[i].max_tokens) if self.fcr else group[i].max_tokens for i in batch])
+                for batch, edge in batches]
+
+    def _fits(self, llm: LLM, batch: list[Job], edge: int, fixed: int) -> bool:
+        """Whether these queries make one batch at this bin edge: the KV cache holds them all (VBS; without FCR
+        an answer longer than predicted may still outgrow it, and the engine then preempts to make room), or
+        there are at most `fixed` of them."""
+        if not self.vbs:
+            return len(batch) <= fixed
+        limit = min(edge, max(job.max_tokens for job in batch))
+        return kv_batch_size(llm, [len(job.prompt_token_ids) for job in batch], limit) == len(batch)
 
 
 STRATEGIES: dict[str, type[BatchingStrategy]] = {
