@@ -333,8 +333,8 @@ class SequenceScheduling(BatchingStrategy):
         a member of a shorter bin may use the longer edge at no cost, since the batch runs that long anyway).
         With VBS a batch takes queries as long as the KV cache holds them all at that limit, else `fixed` of
         them. A bin's last few queries join the next bin's batch rather than run as a small batch of their own:
-        a decode step reads every weight whatever the number of rows, so a batch of a few rows costs almost as
-        many seconds per step as a full one.
+        a decode step reads every weight whatever the number of rows, so a token costs several times more in a
+        batch of a few rows than in a full one.
         """
         def bin_edge(i: int) -> int:
             return max(math.ceil(predicted[i] / self.bin_width), 1) * self.bin_width
