@@ -305,3 +305,23 @@ def test_policy_errors(tiny_llama):
             LLM(tiny_llama, kv_cache_gib=0.01, scheduling_policy=policy)
     with pytest.raises(ValueError, match="max_wait_s must be > 0"):
         SchedulerConfig(max_wait_s=0)
+
+
+def test_sjf_bound_simulation_orders_a_worked_example():
+    """scripts/sjf_bound.py backs the README's bound on sjf; worked by hand: one seat, 1 s a step, a 3-token and a
+    1-token answer arriving together, then a 2-token one at 0.5 s. fcfs finishes them at 3, 4, 6 s; shortest
+    remaining first at 1 (the short one), 3 (the late one, before the long one's remaining 3) and 6 s."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "scripts" / "sjf_bound.py"
+    spec = importlib.util.spec_from_file_location("sjf_bound", path)
+    sjf_bound = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sjf_bound  # dataclasses look their module up there
+    spec.loader.exec_module(sjf_bound)
+    fcfs = sjf_bound.simulate([3, 1, 2], [0.0, 0.0, 0.5], 1, False, 1.0, 0.0)
+    sjf = sjf_bound.simulate([3, 1, 2], [0.0, 0.0, 0.5], 1, True, 1.0, 0.0)
+    assert fcfs.mean_s == pytest.approx((3 + 4 + 5.5) / 3)
+    assert sjf.mean_s == pytest.approx((1 + 6 + 2.5) / 3)
+    assert (fcfs.p99_s, sjf.p99_s) == (5.5, 6.0)
