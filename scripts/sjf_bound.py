@@ -15,10 +15,14 @@ ratios.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
 from dataclasses import dataclass
+
+from foreseer.bench.data import DEFAULT_DATASET
+from foreseer.bench.serve import ServeBenchArgs, request_lengths
 
 
 @dataclass
@@ -54,7 +58,7 @@ def simulate(lengths: list[int], arrivals: list[float], seats: int, oracle_sjf: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="../shared/datasets/sharegpt_first_turns.json")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET)
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct")
     parser.add_argument("--num-prompts", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--request-rates", type=float, nargs="+", default=[0.4, 0.8, 1.6])
@@ -66,23 +70,21 @@ def main() -> None:
     parser.add_argument("--output-json")
     args = parser.parse_args()
 
-    from foreseer.bench.data import load_sharegpt_pairs
-    from foreseer.models.loader import load_tokenizer, resolve_model
-
-    tokenizer = load_tokenizer(resolve_model(args.tokenizer))
-    answers = [a for _, a in load_sharegpt_pairs(args.dataset, max(args.num_prompts))]
-    answer_tokens = [len(tokenizer.encode(a, add_special_tokens=False)) for a in answers]
+    # The answer lengths `foreseer bench serve --output-len-from-dataset` asks for, at the largest cap.
+    _, answer_tokens = request_lengths(ServeBenchArgs(
+        dataset=args.dataset, num_prompts=max(args.num_prompts), max_tokens=max(args.max_tokens),
+        output_len_from_dataset=True, tokenizer=args.tokenizer))
     rows = []
     for n in args.num_prompts:
         for cap in args.max_tokens:
-            lengths = [max(1, min(cap, t)) for t in answer_tokens[:n]]
+            lengths = [min(cap, t) for t in answer_tokens[:n]]
             for seats in args.seats:
                 for rate in args.request_rates:
                     cells = []
                     for seed in range(args.seeds):
                         rng = random.Random(seed)
-                        gaps = [0.0] + [rng.expovariate(rate) for _ in range(n - 1)]
-                        arrivals = [sum(gaps[:i + 1]) for i in range(n)]
+                        # As bench serve draws them: a gap before every request but the first.
+                        arrivals = list(itertools.accumulate([0.0] + [rng.expovariate(rate) for _ in range(n - 1)]))
                         cells.append([simulate(lengths, arrivals, seats, oracle, args.step_base_ms / 1000,
                                                args.step_row_ms / 1000) for oracle in (False, True)])
                     fcfs, sjf = (Result(statistics.mean(c[k].mean_s for c in cells),
