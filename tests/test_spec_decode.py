@@ -542,8 +542,13 @@ def test_context_reads_are_priced_per_draft_node():
     assert len(long[0]) == 4 and len(long[1]) < 4  # the long request's drafts cost more to verify
 
 
-def test_measured_cost_model_prices_context(tiny_llama):
-    llm = LLM(tiny_llama, kv_cache_gib=0.01, speculative_config=NGRAM)
+def test_measured_cost_model_prices_context(tmp_path):
+    from conftest import make_tiny_model
+
+    # Four layers of four KV heads: reading the long context then costs about a step's time, far above the noise
+    # of best-of-5 timings (with tiny_llama it was a third of a millisecond, and a slow round could hide it).
+    model = make_tiny_model(str(tmp_path), num_hidden_layers=4, num_key_value_heads=4)
+    llm = LLM(model, kv_cache_gib=0.01, speculative_config=NGRAM)
     assert llm.engine.speculator.cost.seconds_per_context_token > 0
 
 
