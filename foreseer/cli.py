@@ -1,4 +1,4 @@
-"""Command line: foreseer generate | chat | serve | bench throughput|serve|spec|seqsched|lora |
+"""Command line: foreseer generate | chat | serve | bench throughput|decode|serve|spec|seqsched|lora |
 spec train-medusa|search-layers | lengths build|train|eval | lora train."""
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--model", default="smollm2-135m-instruct", help="model name, GGUF file or HF directory")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    group.add_argument("--weight-format", default="auto", choices=["auto", "float32"],
+                       help="auto: weights stay as stored (GGUF blocks, F16, BF16; exact kernels); "
+                            "float32: expanded at load (the reference)")
     group.add_argument("--device", default="auto")
     group.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: a memory fraction)")
     group.add_argument("--kv-cache-memory-fraction", type=float, default=0.2)
@@ -70,7 +73,8 @@ def _make_llm(args: argparse.Namespace):
     from foreseer import LLM
 
     return LLM(
-        args.model, dtype=args.dtype, device=args.device, kv_cache_gib=args.kv_cache_gib,
+        args.model, dtype=args.dtype, weight_format=args.weight_format, device=args.device,
+        kv_cache_gib=args.kv_cache_gib,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, scheduling_policy=args.scheduling_policy, max_wait_s=args.max_wait_s,
@@ -155,9 +159,22 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     llm = _make_llm(args)
     run(llm, ThroughputArgs(
         dataset=args.dataset, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
-        max_prompt_tokens=args.max_prompt_tokens, compare=args.compare, hf_batch_size=args.hf_batch_size,
+        max_prompt_tokens=args.max_prompt_tokens, compare=tuple(args.compare), hf_batch_size=args.hf_batch_size,
         batching=args.batching, output_json=args.output_json,
     ))
+    return 0
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    import torch
+
+    from foreseer.bench.decode import DecodeBenchArgs, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(DecodeBenchArgs(model=args.model, contexts=tuple(args.contexts), new_tokens=args.new_tokens,
+                        repeats=args.repeats, attention_contexts=tuple(args.attention_contexts),
+                        llamacpp=not args.no_llamacpp, output_json=args.output_json))
     return 0
 
 
@@ -302,13 +319,27 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--num-prompts", type=int, default=200)
     throughput.add_argument("--max-prompt-tokens", type=int, default=512)
     throughput.add_argument("--max-tokens", type=int, default=256)
-    throughput.add_argument("--compare", choices=["hf"], default=None, help="also run this baseline")
+    throughput.add_argument("--compare", nargs="+", choices=["hf", "llamacpp", "float32"], default=[],
+                            help="also run these baselines: transformers, llama.cpp (same GGUF and threads; the "
+                                 "`bench` extra), this engine with float32 weights")
     throughput.add_argument("--hf-batch-size", type=int, default=32)
     throughput.add_argument("--batching", choices=["continuous", "static", "seqsched"], default="continuous",
                             help="how Foreseer batches the prompts (seqsched: sequence scheduling by predicted length)")
     throughput.add_argument("--output-json", default=None)
     _add_engine_args(throughput)
     throughput.set_defaults(func=cmd_bench_throughput)
+
+    decode = bench.add_parser("decode", help="batch-1 CPU decode against llama.cpp (same GGUF, same threads), "
+                                             "split-KV attention, machine limits, memory")
+    decode.add_argument("--model", default="smollm2-135m-instruct")
+    decode.add_argument("--contexts", type=int, nargs="+", default=[128, 2048], help="prompt lengths to decode after")
+    decode.add_argument("--new-tokens", type=int, default=128)
+    decode.add_argument("--repeats", type=int, default=3, help="runs of each engine, in turns; the fastest is kept")
+    decode.add_argument("--attention-contexts", type=int, nargs="+", default=[4096, 8192])
+    decode.add_argument("--threads", type=int, default=None, help="threads for both engines (default: torch's)")
+    decode.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp (no `bench` extra installed)")
+    decode.add_argument("--output-json", default=None)
+    decode.set_defaults(func=cmd_bench_decode)
 
     spec = bench.add_parser("spec", help="speculative decoding against none, by batch size, on two prompt sets")
     spec.add_argument("--dataset", default=DEFAULT_DATASET)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+WEIGHT_FORMATS = ("auto", "float32")
+
 
 @dataclass
 class CacheConfig:
@@ -128,7 +130,10 @@ class LoRAConfig:
 @dataclass
 class EngineConfig:
     model: str = "smollm2-135m-instruct"
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    dtype: str = "auto"  # activations: auto is float32 on CPU, bfloat16 on GPU
+    # Weights in memory: "auto" keeps them as the checkpoint stores them (GGUF blocks, F16, BF16), computed by
+    # kernels that dequantize in registers (exact); "float32" expands them at load (the reference path).
+    weight_format: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None  # default: the model's context length
     attention_backend: str = "auto"  # auto, cpu (C++ kernels), torch (reference)
@@ -143,6 +148,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        _check(self.weight_format in WEIGHT_FORMATS, "weight_format",
+               f"must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_format!r}")
         _check(self.length_predictor is None or isinstance(self.length_predictor, str), "length_predictor",
                "must be 'probe' or a directory of a trained probe head")
 

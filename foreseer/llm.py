@@ -26,6 +26,12 @@ class LLM:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_args))
         self._counter = 0
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm.engine, llm._counter = LLMEngine(config), 0
+        return llm
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -37,7 +37,7 @@ def _make_tokenizer(directory: str):
 
 
 def make_tiny_model(directory: str, arch: str = "llama", seed: int = 0, **overrides) -> str:
-    """Save a random-weight model and a small BPE tokenizer as an HF directory; returns the directory."""
+    """Save a random-weight model (bfloat16) and a small BPE tokenizer as an HF directory; returns the directory."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = _make_tokenizer(directory)
@@ -52,7 +52,9 @@ def make_tiny_model(directory: str, arch: str = "llama", seed: int = 0, **overri
     config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**common))
-    model.save_pretrained(directory)
+    # bfloat16 on disk: the engine keeps such weights as stored (its quantized-weight kernels), so every test on a
+    # tiny model runs that path; transformers, loading with dtype=float32, computes with the same values.
+    model.to(torch.bfloat16).save_pretrained(directory)
     return directory
 
 

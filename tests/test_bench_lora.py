@@ -18,6 +18,7 @@ from foreseer.bench.lora import (
     write_random_adapter,
 )
 from foreseer.cli import main
+from foreseer.layers.quantized_linear import QuantizedLinear
 
 QUESTIONS = ["what is a fox?", "count to five", "say hello to the world", "how are you today?",
              "what does a paged cache keep?", "why is the dog lazy?"]
@@ -65,6 +66,7 @@ def test_merge_is_peft_merge_and_unmerge_restores_bit_for_bit(tiny_llama, tmp_pa
     path = write_random_adapter(str(tmp_path / "random"), model, rank=16, seed=3, scale=0.5,
                                 target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    original_qkv = model.model.layers[1].self_attn.qkv_proj.dequantize()  # the bfloat16 weights, kept as stored
     fingerprint = weights_fingerprint(model)
     saved = merge_adapter(model, read_adapter(model, path))
 
@@ -83,11 +85,12 @@ def test_merge_is_peft_merge_and_unmerge_restores_bit_for_bit(tiny_llama, tmp_pa
              (layer.mlp.down_proj.weight, theirs.mlp.down_proj.weight)]
     for ours, peft_merged in pairs:
         torch.testing.assert_close(ours, peft_merged, rtol=1e-5, atol=1e-6)
-    assert not torch.equal(qkv[:q], original["model.layers.1.self_attn.qkv_proj.weight"][:q])  # it did change
-    assert torch.equal(qkv[q:q + kv], original["model.layers.1.self_attn.qkv_proj.weight"][q:q + kv])  # k: no LoRA
+    assert not torch.equal(qkv[:q], original_qkv[:q])  # it did change
+    assert torch.equal(qkv[q:q + kv], original_qkv[q:q + kv])  # k: no LoRA
 
     unmerge_adapter(model, saved)
     assert weights_fingerprint(model) == fingerprint
+    assert isinstance(model.model.layers[1].self_attn.qkv_proj, QuantizedLinear)  # stored format again
     assert all(torch.equal(p, original[name]) for name, p in model.named_parameters())
 
 

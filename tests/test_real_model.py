@@ -22,6 +22,13 @@ QUESTIONS = [
     "What is 12 times 7?",
     "Translate 'good morning' into Spanish.",
     "Why is the sky blue?",
+    "Name a famous painting by Leonardo da Vinci.",
+    "What does a CPU do?",
+    "Suggest a title for a short story about a lighthouse.",
+    "How many legs does a spider have?",
+    "Write one sentence about autumn.",
+    "What is the boiling point of water in Celsius?",
+    "Give two tips for better sleep.",
 ]
 
 
@@ -36,7 +43,22 @@ def test_weights_match_transformers_gguf_loading(hf_real_model):
         torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=0, msg=name)
 
 
+def test_weights_stay_in_their_stored_format(real_llm):
+    """Every projection, the embedding and the lm_head compute from the GGUF's blocks: the weights held take no
+    more than 1.2x the file's bytes (an fp32 expansion takes 5.5x)."""
+    from foreseer.layers.quantized_linear import QuantizedEmbedding, QuantizedLinear
+
+    model = real_llm.engine.runner.model
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding) and isinstance(model.lm_head, QuantizedLinear)
+    held = {t.data_ptr(): t.numel() * t.element_size()
+            for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
+    assert sum(held.values()) <= 1.2 * os.path.getsize(real_model_path())
+
+
 def test_greedy_chat_matches_transformers(real_llm, hf_real_model):
+    """16 chat prompts, greedy, with the weights computed in their stored Q4_1/Q8_0 blocks: the same tokens as
+    transformers, which expands the same GGUF to float32."""
     hf, tokenizer = hf_real_model
     prompts = [real_llm.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     assert prompts[0] == tokenizer.apply_chat_template(

@@ -303,9 +303,11 @@ def test_real_model_prompt_lookup_is_exact_and_accepts_on_a_rewrite_task(real_ll
     expected = real_llm.chat(conversations, params, use_tqdm=False)
     outputs = spec.chat(conversations, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
-    # This small model paraphrases more than it copies: about 0.3 of drafted tokens and 2 tokens a step.
+    # This small model paraphrases more than it copies: about 0.3 to 0.5 of drafted tokens. With the weights in
+    # their Q4_1 blocks a verified row costs a good part of a step (the flat GEMM dequantizes once for all rows
+    # but multiplies each), so the cost model drafts few tokens a step: 1.4 to 2 tokens a step.
     assert spec.engine.spec_stats.acceptance_rate > 0.2
-    assert spec.engine.spec_stats.mean_accepted_length > 1.5
+    assert spec.engine.spec_stats.mean_accepted_length > 1.3
 
 
 NETWORK_TEXT = (

@@ -44,6 +44,7 @@ from foreseer.bench.data import chat_prompt_ids, load_sharegpt_questions
 from foreseer.bench.report import write_json
 from foreseer.bench.throughput import RunResult
 from foreseer.bench.turns import fastest_in_turns
+from foreseer.layers.quantized_linear import QuantizedLinear
 from foreseer.llm import LLM
 from foreseer.lora.adapter import SUPPORTED_MODULES, LoRAAdapter, base_targets, load_adapter
 from foreseer.lora.request import LoRARequest
@@ -89,22 +90,45 @@ def read_adapter(model: nn.Module, path: str) -> LoRAAdapter:
     return load_adapter(path, base_targets(model), len(model.model.layers), max_lora_rank=2**31, dtype=dtype)
 
 
-def _linears(model: nn.Module, layer: int) -> dict[str, nn.Linear]:
+def _linears(model: nn.Module, layer: int) -> dict[str, nn.Linear | QuantizedLinear]:
     return {name.rsplit(".", 1)[-1]: module for name, module in model.model.layers[layer].named_modules()
-            if isinstance(module, nn.Linear)}
+            if isinstance(module, nn.Linear | QuantizedLinear)}
 
 
-MergeState = dict[tuple[int, str], torch.Tensor]  # (layer, projection) -> its original weight
+def _dense_weight(linear: nn.Linear | QuantizedLinear) -> torch.Tensor:
+    return linear.dequantize() if isinstance(linear, QuantizedLinear) else linear.weight
+
+
+# (layer, projection) -> its original weight, or the layer itself where its weights were kept as stored
+MergeState = dict[tuple[int, str], torch.Tensor | QuantizedLinear]
+
+
+def _replace_linear(model: nn.Module, layer: int, module: str, replacement: nn.Module) -> None:
+    decoder = model.model.layers[layer]
+    path = next(name for name, m in decoder.named_modules() if name.rsplit(".", 1)[-1] == module)
+    parent, _, child = path.rpartition(".")
+    setattr(decoder.get_submodule(parent), child, replacement)
 
 
 @torch.no_grad()
 def merge_adapter(model: nn.Module, adapter: LoRAAdapter) -> MergeState:
     """W += B A on every projection shard the adapter adapts, in place, in the weights' dtype (as PEFT's merge);
-    returns copies of the original weights of the projections it touched, for `unmerge_adapter`."""
+    returns copies of the original weights of the projections it touched, for `unmerge_adapter`. A projection
+    kept in its stored format (GGUF blocks) is swapped for a float32 linear layer of its weights plus the delta,
+    as merging into a quantized checkpoint gives."""
     saved: MergeState = {}
     for (layer, module), shards in adapter.weights.items():
-        weight = _linears(model, layer)[module].weight
-        saved[layer, module] = weight.detach().clone()
+        linear = _linears(model, layer)[module]
+        if isinstance(linear, QuantizedLinear):
+            saved[layer, module] = linear
+            dense = nn.Linear(linear.in_features, linear.out_features, bias=False)
+            dense.weight = nn.Parameter(linear.dequantize(), requires_grad=False)
+            dense.bias = linear.bias
+            _replace_linear(model, layer, module, dense)
+            weight = dense.weight
+        else:
+            weight = linear.weight
+            saved[layer, module] = weight.detach().clone()
         sizes = model.shard_sizes(module) if len(shards) > 1 else [weight.shape[0]]
         offset = 0
         for pair, size in zip(shards, sizes):
@@ -117,9 +141,12 @@ def merge_adapter(model: nn.Module, adapter: LoRAAdapter) -> MergeState:
 
 @torch.no_grad()
 def unmerge_adapter(model: nn.Module, saved: MergeState) -> None:
-    """Restore the weights `merge_adapter` changed from its copies: bit for bit."""
+    """Restore the weights `merge_adapter` changed from its copies (or the stored-format layers): bit for bit."""
     for (layer, module), original in saved.items():
-        _linears(model, layer)[module].weight.copy_(original)
+        if isinstance(original, QuantizedLinear):
+            _replace_linear(model, layer, module, original)
+        else:
+            _linears(model, layer)[module].weight.copy_(original)
 
 
 @contextmanager
@@ -140,9 +167,9 @@ def merged(llm: LLM, adapter: LoRAAdapter | str) -> Iterator[None]:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of every parameter's bytes, in order: equal fingerprints, bit-identical weights."""
+    """SHA-256 of every parameter's and buffer's bytes, in order: equal fingerprints, bit-identical weights."""
     digest = hashlib.sha256()
-    for name, param in model.named_parameters():
+    for name, param in [*model.named_parameters(), *model.named_buffers()]:
         digest.update(name.encode())
         digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -162,7 +189,7 @@ def weight_stds(model: nn.Module) -> dict[tuple[int, str], float]:
     for layer in range(len(model.model.layers)):
         linears = _linears(model, layer)
         for name, target in targets.items():
-            weight = linears[target.module].weight
+            weight = _dense_weight(linears[target.module])
             sizes = model.shard_sizes(target.module) if name in model.stacked_params else [weight.shape[0]]
             start = sum(sizes[:target.shard])
             stds[layer, name] = weight[start:start + sizes[target.shard]].float().std().item()

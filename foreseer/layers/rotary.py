@@ -1,10 +1,13 @@
 """Rotary position embeddings (non-interleaved, HF layout) with default, linear and llama3 scaling."""
 
+import functools
 import math
 from typing import Any
 
 import torch
 from torch import nn
+
+from foreseer.layers.cpu_kernels import layer_ops
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -30,17 +33,32 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        cos, sin = _cos_sin(head_dim, max_positions, theta, tuple(sorted((scaling or {}).items())),
+                            torch.get_default_device())
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, Hkv, D]; positions: [T]."""
+        """q: [T, H, D], k: [T, Hkv, D]; positions: [T]. On the CPU, q and k are rotated in place."""
+        kernels = layer_ops(q)
+        if kernels is not None and k.dtype == q.dtype and q.stride(-1) == k.stride(-1) == 1:
+            kernels.apply_rotary_(q, k, self.cos, self.sin, positions)
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+@functools.cache
+def _cos_sin(head_dim: int, max_positions: int, theta: float, scaling_items: tuple, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cos and sin tables [max_positions, head_dim], one pair shared by every layer of a model (a 2k-position
+    model's tables are as large as a small model's weights)."""
+    scaling = dict(scaling_items) or None
+    inv_freq = rope_inv_freq(head_dim, theta, scaling).to(device)
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

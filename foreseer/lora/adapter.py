@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from foreseer.layers.quantized_linear import QuantizedLinear
 from foreseer.lora.ops import LoRAPair, SlotLoRA, slot_lora
 
 # The Hugging Face projections an adapter may target, in a decoder layer's order.
@@ -49,7 +50,7 @@ class TargetShape:
 def base_targets(model: nn.Module) -> dict[str, TargetShape]:
     """The LoRA targets of a Llama-family model, from its fused layout (stacked_params, shard_sizes)."""
     linears = {name.rsplit(".", 1)[-1]: module for name, module in model.model.layers[0].named_modules()
-               if isinstance(module, nn.Linear)}
+               if isinstance(module, nn.Linear | QuantizedLinear)}
     targets = {}
     for name in SUPPORTED_MODULES:
         fused, shard = model.stacked_params.get(name, (name, 0))

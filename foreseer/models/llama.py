@@ -3,11 +3,12 @@
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from foreseer.layers.activation import silu_and_mul
 from foreseer.layers.attention import PagedAttention
 from foreseer.layers.norm import RMSNorm
+from foreseer.layers.quantized_linear import BlockWeight, QuantizedEmbedding, QuantizedLinear
 from foreseer.layers.rotary import RotaryEmbedding
 from foreseer.lora.context import apply_lora
 from foreseer.models.config import ModelConfig
@@ -44,8 +45,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = apply_lora(self.gate_up_proj(x), x, self.layer_index, "gate_up_proj").chunk(2, dim=-1)
-        hidden = F.silu(gate) * up
+        hidden = silu_and_mul(apply_lora(self.gate_up_proj(x), x, self.layer_index, "gate_up_proj"))
         return apply_lora(self.down_proj(hidden), hidden, self.layer_index, "down_proj")
 
 
@@ -57,9 +57,15 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg, layer_index)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream before it is added): the next norm adds the two."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(positions, x), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -70,10 +76,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(positions, x)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -101,7 +107,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in vocabulary slices: each slice of the output stays in cache while it is written, which
-        keeps a large-vocabulary matmul near full speed on a CPU."""
+        keeps a large-vocabulary matmul near full speed on a CPU. A head in its stored format has its own kernels."""
+        if not isinstance(self.lm_head, nn.Linear):
+            return self.lm_head(hidden).float()
         weight = self.lm_head.weight
         logits = torch.empty(hidden.shape[0], weight.shape[0], dtype=hidden.dtype, device=hidden.device)
         for start in range(0, weight.shape[0], self.logits_slice):
@@ -124,30 +132,55 @@ class LlamaForCausalLM(nn.Module):
         return len(self.shard_sizes(module)) if module in ("qkv_proj", "gate_up_proj") else 1
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into this model, filling fused projections shard by shard."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        remaining = {name: self._num_shards(name) for name, _ in self.named_parameters()}
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | BlockWeight]],
+                     device: torch.device | str = "cpu") -> None:
+        """Set every parameter from HF-named checkpoint tensors (the model may be built on the meta device, as
+        a placeholder of shapes): float tensors become parameters on `device` in the model's dtype; a matrix kept
+        in its stored format (BlockWeight) replaces its linear or embedding layer. Fused projections gather their
+        shards first."""
+        placeholders = dict(self.named_parameters())
+        shards: dict[str, dict[int, torch.Tensor | BlockWeight]] = {}
         for name, tensor in weights:
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
-            target, shard = name, None
+            target, shard = name, 0
             for part, (fused, index) in self.stacked_params.items():
                 if f".{part}." in name:
                     target, shard = name.replace(f".{part}.", f".{fused}."), index
                     break
-            if target not in params:
+            if target not in placeholders:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
-            dest = params[target]
-            if shard is not None:
-                sizes = self.shard_sizes(target.split(".")[-2])
-                dest = dest.narrow(0, sum(sizes[:shard]), sizes[shard])
-            if dest.shape != tensor.shape:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
-                )
-            dest.copy_(tensor)
-            remaining[target] -= 1
-        missing = sorted(name for name, count in remaining.items() if count > 0)
+            expected = tuple(placeholders[target].shape)
+            if self._num_shards(target) > 1:
+                expected = (self.shard_sizes(target.split(".")[-2])[shard], *expected[1:])
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
+            parts = shards.setdefault(target, {})
+            parts[shard] = tensor
+            if len(parts) == self._num_shards(target):
+                self._set_weight(target, [parts[i] for i in range(len(parts))], placeholders[target].dtype, device)
+        missing = sorted(name for name in placeholders if len(shards.get(name, ())) < self._num_shards(name))
         if missing:
             raise ValueError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if self.config.tie_word_embeddings:
+            embed = self.model.embed_tokens
+            if isinstance(embed, QuantizedEmbedding):
+                self.lm_head = QuantizedLinear([embed.blocks])
+            else:
+                self.lm_head.weight = embed.weight
+
+    def _set_weight(self, target: str, parts: list[torch.Tensor | BlockWeight], dtype: torch.dtype,
+                    device: torch.device | str) -> None:
+        module_name, _, param_name = target.rpartition(".")
+        module = self.get_submodule(module_name)
+        if param_name == "weight" and all(isinstance(p, BlockWeight) for p in parts):
+            parent_name, _, child_name = module_name.rpartition(".")
+            if isinstance(module, nn.Embedding):
+                replacement = QuantizedEmbedding(parts[0])
+            else:  # a bias loaded before stays; one loaded after lands on the replacement
+                replacement = QuantizedLinear(parts, bias=module.bias)
+            setattr(self.get_submodule(parent_name), child_name, replacement)
+            return
+        floats = [p.dequantize() if isinstance(p, BlockWeight) else p for p in parts]
+        value = floats[0] if len(floats) == 1 else torch.cat(floats)
+        setattr(module, param_name, nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))

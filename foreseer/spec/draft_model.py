@@ -212,7 +212,7 @@ class DraftModelProposer(DraftProposer):
         if draft_config.vocab_size != runner.model_config.vocab_size:
             raise ValueError(f"draft model {config.draft_model!r} has a vocabulary of {draft_config.vocab_size} "
                              f"tokens, the target {runner.model_config.vocab_size}: they must share a tokenizer")
-        model = load_model(draft_config, source, runner.device, runner.dtype)
+        model = load_model(draft_config, source, runner.device, runner.dtype, runner.config.weight_format)
         float_model = None
         if int8:
             float_model, model = model, quantize_linears_int8(shared_copy(model))

@@ -48,14 +48,23 @@ def layer_redundancy(llm: LLM, prompts: list[list[int]]) -> list[float]:
     totals = [0.0] * len(layers)
     counts = [0] * len(layers)
 
+    # A layer takes and returns the residual stream in two parts (forward(positions, x, residual) -> (x,
+    # residual)), and adds into the residual in place: its input stream is summed before it runs.
+    streams_in: list[torch.Tensor] = []
+
+    def before(module, inputs) -> None:
+        _, x, residual = inputs
+        streams_in.append(x.clone() if residual is None else x + residual)
+
     def hook(index: int):
         def record(module, inputs, output) -> None:
-            hidden_in = inputs[1]  # forward(positions, x)
-            totals[index] += float(torch.cosine_similarity(hidden_in, output, dim=-1).sum())
-            counts[index] += output.shape[0]
+            stream_out = output[0] + output[1]
+            totals[index] += float(torch.cosine_similarity(streams_in.pop(), stream_out, dim=-1).sum())
+            counts[index] += stream_out.shape[0]
         return record
 
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    handles = [layer.register_forward_pre_hook(before) for layer in layers]
+    handles += [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
     finally:

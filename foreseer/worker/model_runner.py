@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +17,7 @@ from foreseer.attention import AttentionBackend, AttentionMetadata, PrefillSegme
 from foreseer.config import EngineConfig
 from foreseer.core.output import ModelRunnerOutput, SchedulerOutput
 from foreseer.engine.request import Request
+from foreseer.layers.quantized_linear import choose_dataflows, load_kernels
 from foreseer.lora import LoRAManager, lora_context
 from foreseer.models.config import ModelConfig
 from foreseer.models.loader import ModelSource, iter_weights
@@ -58,7 +62,7 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.cache.block_size
-        self.model = load_model(model_config, source, self.device, self.dtype)
+        self.model = load_model(model_config, source, self.device, self.dtype, config.weight_format)
         self.backend = get_backend(config.attention_backend, self.device, self.dtype)
         self.num_blocks = self._num_kv_blocks()
         caches = self.backend.allocate_kv_cache(
@@ -154,17 +158,58 @@ class ModelRunner:
                                   token_counts)
 
 
-def load_model(model_config: ModelConfig, source: ModelSource, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Build the model for `model_config` on `device` in `dtype` and load its weights from `source`."""
+def load_model(model_config: ModelConfig, source: ModelSource, device: torch.device, dtype: torch.dtype,
+               weight_format: str = "auto") -> nn.Module:
+    """Build the model for `model_config` on `device` in `dtype` and load its weights from `source`.
+
+    Weight format "auto" keeps each matrix as stored where the quantized kernels run (a CPU, float32 activations,
+    a compiler), and measures there which dataflow each weight shape takes; else every weight is expanded."""
+    keep_formats = (weight_format == "auto" and device.type == "cpu" and dtype == torch.float32
+                    and load_kernels() is not None)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), _parameters_on_meta():
             model = build_model(model_config)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(iter_weights(source, model_config))
+    model.load_weights(iter_weights(source, model_config, keep_formats), device)
+    if keep_formats:
+        choose_dataflows(model)
+    _release_freed_memory()
     return model.eval()
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap that loading freed (parsed checkpoint metadata, dequantization temporaries) back to the
+    system, so that the process's resident memory is what it holds."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters as meta placeholders, which take no memory until the checkpoint
+    fills them (a weight kept in its stored format never has a float32 copy), and skip their random
+    initialization (on meta tensors it would only import torch's compiler); buffers are made as usual."""
+    register = nn.Module.register_parameter
+    initializers = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:  # a tied weight is registered again: keep it tied
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    for cls in initializers:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+        for cls, initializer in initializers.items():
+            cls.reset_parameters = initializer
 
 
 @dataclass
