@@ -54,7 +54,7 @@ def test_bench_throughput_compares_with_hf(tiny_llama, tmp_path):
         for i, q in enumerate(questions)]))
     out = tmp_path / "result.json"
     result = _cli("bench", "throughput", "--model", tiny_llama, *ENGINE, "--dataset", str(dataset),
-                  "--num-prompts", "4", "--max-tokens", "16", "--compare", "hf", "--hf-batch-size", "2",
+                  "--num-prompts", "4", "--max-tokens", "16", "--compare", "hf", "float32", "--hf-batch-size", "2",
                   "--output-json", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
@@ -63,3 +63,25 @@ def test_bench_throughput_compares_with_hf(tiny_llama, tmp_path):
     assert report["foreseer"]["output_tokens"] == report["hf"]["output_tokens"]
     assert report["speedup_vs_hf"] > 0 and report["compute_limit"]["limit_tokens_per_s"] > 0
     assert "foreseer/hf" in result.stdout
+    # The same engine with its weights expanded to float32: the same tokens.
+    assert report["float32"]["identical_outputs"] == 4 and report["float32"]["speedup"] > 0
+
+
+def test_bench_decode_reports_each_figure(tiny_llama, tmp_path):
+    """Without llama.cpp (a safetensors model): decode against float32 weights, limits, overhead, attention, RSS."""
+    out = tmp_path / "decode.json"
+    result = _cli("bench", "decode", "--model", tiny_llama, "--contexts", "16", "40", "--new-tokens", "6",
+                  "--repeats", "1", "--attention-contexts", "256", "--no-llamacpp", "--output-json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [row["context"] for row in report["decode"]] == [16, 40]
+    for row in report["decode"]:
+        assert row["foreseer_tokens_per_s"] > 0 and row["vs_float32"] > 0
+        assert 0 < row["bandwidth_share"] < 1 and 0 < row["fma_peak_share"] < 1
+    assert report["machine"]["fp32_fma_peak_gflops"] > report["machine"]["torch_mm_gflops"] > 0
+    overhead = report["step_overhead"]
+    for mode in ("fused_layer_ops", "pytorch_layer_ops"):
+        assert 0 < overhead[mode]["kernels_ms"] < overhead[mode]["step_ms"]
+    assert report["attention"][0]["context_len"] == 256 and report["attention"][0]["speedup"] > 0
+    assert report["rss_mb"]["foreseer"] > 100
+    assert "decode after 16 tokens" in result.stdout

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Literal
 
 import torch
 
@@ -18,17 +20,42 @@ def load_cpu_kernels():
     return load_cpu_extension("foreseer_paged_attention_cpu", _SOURCE)
 
 
+DecodeKernel = Literal["split_kv", "reference"]
+UnifiedMax = Literal["sink", "layer"] | float
+
+
 class CpuPagedAttention(TorchPagedAttention):
-    """Keys are stored transposed per block, [num_blocks, Hkv, D, block_size], for SIMD over tokens."""
+    """Keys are stored transposed per block, [num_blocks, Hkv, D, block_size], for SIMD over tokens.
+
+    Decode runs the split-KV kernel (each request's tokens cut into chunks, so a lone request keeps every core busy,
+    and chunks merged by FlashDecoding++'s unified max) or, as `decode_kernel="reference"`, the two kernels with
+    PyTorch's softmax between them. `unified_max` is the subtrahend every chunk's exps share:
+    "sink" - each (row, head)'s score against its row's first token, a function of the row alone, so a row's output
+        is bit-identical whatever else is in the batch and whatever ran before;
+    "layer" - the largest score each layer has seen so far (FlashDecoding++'s statistic; it makes a row's rounding
+        depend on earlier batches);
+    a float - that value everywhere (tests, calibrated values).
+    Chunks whose scores stray too far from it fall back to their own max, so every choice gives the exact softmax;
+    `recomputed_chunks` counts those (row, head, chunk) partials. `chunk_tokens` 0 lets the kernel size chunks.
+    """
 
     name = "cpu"
     # The kernels read only each request's own tokens, so pages can stay untouched until used.
     allocate = staticmethod(torch.empty)
 
-    def __init__(self) -> None:
+    def __init__(self, decode_kernel: DecodeKernel = "split_kv", unified_max: UnifiedMax = "sink",
+                 chunk_tokens: int = 0) -> None:
+        if decode_kernel not in ("split_kv", "reference"):
+            raise ValueError(f"unknown decode_kernel {decode_kernel!r}; available: split_kv, reference")
+        if isinstance(unified_max, str) and unified_max not in ("sink", "layer"):
+            raise ValueError(f"unknown unified_max {unified_max!r}; available: sink, layer or a float")
         self.kernels = load_cpu_kernels()
         if self.kernels is None:
             raise RuntimeError("the C++ CPU attention kernels could not be built")
+        self.decode_kernel, self.unified_max, self.chunk_tokens = decode_kernel, unified_max, chunk_tokens
+        self.recomputed_chunks = 0
+        # "layer": the largest score seen per layer, keyed by the layer's key cache (the backend serves every layer).
+        self.layer_max_score: dict[int, float] = {}
 
     @staticmethod
     def key_shape(shape: tuple[int, int, int, int]) -> tuple[int, ...]:
@@ -47,8 +74,21 @@ class CpuPagedAttention(TorchPagedAttention):
 
     def decode(self, q, k_cache, v_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         tables, lens = metadata.decode_block_tables, metadata.decode_seq_lens
-        scores = self.kernels.paged_decode_scores(q, k_cache, tables, lens, metadata.max_decode_seq_len, scale)
-        return self.kernels.paged_decode_values(scores.softmax(dim=-1), v_cache, tables, lens)
+        if self.decode_kernel == "reference":
+            scores = self.kernels.paged_decode_scores(q, k_cache, tables, lens, metadata.max_decode_seq_len, scale)
+            return self.kernels.paged_decode_values(scores.softmax(dim=-1), v_cache, tables, lens)
+        if self.unified_max == "sink":
+            phi = math.nan  # the kernel takes each row's sink score
+        elif self.unified_max == "layer":
+            phi = self.layer_max_score.get(k_cache.data_ptr(), math.nan)  # a layer's first call: the sink
+        else:
+            phi = float(self.unified_max)
+        out, max_score, recomputed = self.kernels.paged_decode_split(
+            q, k_cache, v_cache, tables, lens, scale, phi, self.chunk_tokens)
+        self.recomputed_chunks += recomputed
+        if self.unified_max == "layer" and not max_score <= phi:  # NaN phi: no statistic yet
+            self.layer_max_score[k_cache.data_ptr()] = max_score
+        return out
 
     def prefill(self, q, k, v, k_ctx, v_ctx, scale: float, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Context and new tokens attended separately and merged by log-sum-exp: the new tokens keep the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from foreseer.bench.data import chat_prompt_ids, load_sharegpt_questions
 from foreseer.bench.report import write_json
+from foreseer.layers.quantized_linear import QuantizedLinear
 from foreseer.llm import LLM
 from foreseer.sampling_params import SamplingParams
 
@@ -21,7 +23,7 @@ class ThroughputArgs:
     num_prompts: int = 200
     max_tokens: int = 256
     max_prompt_tokens: int = 512
-    compare: str | None = None  # "hf"
+    compare: tuple[str, ...] = ()  # baselines: "hf", "llamacpp" (same GGUF and threads), "float32" (weights expanded)
     batching: str = "continuous"  # or "static", "seqsched" (LLM.generate's batching)
     hf_batch_size: int = 32
     output_json: str | None = None
@@ -106,6 +108,20 @@ def decode_step_ms(llm: LLM, hf_model, prompt: list[int], steps: int = 64) -> di
     return result
 
 
+def matmul_weights(model: torch.nn.Module) -> tuple[int, int]:
+    """(weights multiplied once per token, the bytes they are held in): every linear layer, the lm_head included
+    (tied or not); the embedding lookup reads one row, so it does not count."""
+    count = held = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            count += module.in_features * module.out_features
+            held += sum(p.data.numel() for p in module.parts)
+        elif isinstance(module, torch.nn.Linear):
+            count += module.weight.numel()
+            held += module.weight.numel() * module.weight.element_size()
+    return count, held
+
+
 def compute_limit(llm: LLM, processed_tokens_per_s: float) -> dict:
     """Tokens/s the machine could reach if every FLOP of the weights ran at large-matmul speed."""
     size, reps = 2048, 10
@@ -115,16 +131,39 @@ def compute_limit(llm: LLM, processed_tokens_per_s: float) -> dict:
     for _ in range(reps):
         a @ b
     gflops = 2 * size**3 * reps / (time.perf_counter() - start) / 1e9
-    cfg = llm.engine.model_config
-    model = llm.engine.runner.model
-    # Every weight matrix is multiplied once per token; the embedding lookup is free, the lm_head is not.
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
-    matmul_params += cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0
-    gflop_per_token = 2 * matmul_params / 1e9
+    gflop_per_token = 2 * matmul_weights(llm.engine.runner.model)[0] / 1e9
     limit = gflops / gflop_per_token
     return {"matmul_gflops": gflops, "model_gflop_per_token": gflop_per_token, "limit_tokens_per_s": limit,
             "foreseer_processed_tokens_per_s": processed_tokens_per_s,
             "fraction_of_limit": processed_tokens_per_s / limit}
+
+
+def _compare_llamacpp(llm: LLM, prompts: list[list[int]], max_tokens: int, ours: RunResult) -> dict:
+    """llama.cpp's continuous batching on the same prompt tokens, GGUF and thread count, with as many parallel
+    sequences as Foreseer may run at once."""
+    from foreseer.bench.llamacpp import llamacpp_batched_throughput
+
+    source = llm.engine.source
+    if not source.is_gguf:
+        raise ValueError("the llama.cpp baseline needs a GGUF model")
+    theirs = llamacpp_batched_throughput(source.path, prompts, max_tokens, torch.get_num_threads(),
+                                         n_parallel=llm.engine.config.scheduler.max_num_seqs)
+    theirs["foreseer_over_llamacpp"] = ours.output_tokens_per_s / theirs["output_tokens_per_s"]
+    print(f"llama.cpp ({theirs['n_parallel']} parallel sequences): {theirs['output_tokens_per_s']:.1f} output tok/s; "
+          f"foreseer/llama.cpp = {theirs['foreseer_over_llamacpp']:.2f}x")
+    return theirs
+
+
+def _compare_float32(llm: LLM, prompts: list[list[int]], args: ThroughputArgs, ours: RunResult,
+                     our_tokens: list[list[int]]) -> dict:
+    """The same engine and prompts with every weight expanded to float32 (the reference path)."""
+    reference = LLM.from_config(dataclasses.replace(llm.engine.config, weight_format="float32"))
+    theirs, their_tokens = run_foreseer(reference, prompts, args.max_tokens, args.batching)
+    result = {**theirs.as_dict(), "speedup": ours.output_tokens_per_s / theirs.output_tokens_per_s,
+              "identical_outputs": sum(a == b for a, b in zip(our_tokens, their_tokens))}
+    print(f"float32 weights: {theirs.output_tokens_per_s:.1f} output tok/s; stored/float32 = {result['speedup']:.2f}x; "
+          f"identical outputs {result['identical_outputs']}/{len(prompts)}")
+    return result
 
 
 def run(llm: LLM, args: ThroughputArgs) -> dict:
@@ -141,7 +180,11 @@ def run(llm: LLM, args: ThroughputArgs) -> dict:
     print(f"foreseer: {ours.output_tokens_per_s:.1f} output tok/s, {ours.requests_per_s:.3f} req/s "
           f"({ours.output_tokens} output tokens in {ours.elapsed_s:.1f} s)")
     hf_model = None
-    if args.compare == "hf":
+    if "llamacpp" in args.compare:
+        report["llamacpp"] = _compare_llamacpp(llm, prompts, args.max_tokens, ours)
+    if "float32" in args.compare:
+        report["float32"] = _compare_float32(llm, prompts, args, ours, our_tokens)
+    if "hf" in args.compare:
         hf_model = load_hf_model(llm)
         eos = sorted(llm.engine.eos_token_ids)
         pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else eos[0]
