@@ -60,8 +60,10 @@ class TorchPagedAttention(AttentionBackend):
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         self.write_kv(k_cache, v_cache, metadata.slot_mapping, k, v)
-        out = torch.empty_like(q)
         num_decodes = metadata.num_decode_tokens
+        if num_decodes == len(q):  # a decode-only step: no output to assemble
+            return self.decode(q, k_cache, v_cache, metadata, scale)
+        out = torch.empty_like(q)
         if num_decodes:
             out[:num_decodes] = self.decode(q[:num_decodes], k_cache, v_cache, metadata, scale)
         for seg in metadata.prefills:
