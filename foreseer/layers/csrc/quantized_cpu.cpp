@@ -144,14 +144,21 @@ inline void nibbles32(const uint8_t* qs, int64_t j, __m128i out[4]) {
   out[3] = _mm_srli_si128(hi, 8);
 }
 
+// A Q4_K/Q5_K block's sub-block j: its scale d * sc and offset dmin * m, each product exact in fp32.
+inline void k_scale_min(const uint8_t* b, int64_t j, __m256* d, __m256* dm) {
+  float sc, mn;
+  scale_min_k4(j, b + 4, &sc, &mn);
+  *d = _mm256_set1_ps(half_at(b) * sc);
+  *dm = _mm256_set1_ps(half_at(b + 2) * mn);
+}
+
 struct Q4_K {
   static constexpr int64_t kElems = 256, kBytes = 144;
   static inline void load(const uint8_t* row, int64_t s, __m256 w[4]) {
     const uint8_t* b = row + (s >> 3) * kBytes;
     const int64_t j = s & 7;
-    float sc, mn;
-    scale_min_k4(j, b + 4, &sc, &mn);
-    const __m256 d = _mm256_set1_ps(half_at(b) * sc), dm = _mm256_set1_ps(half_at(b + 2) * mn);
+    __m256 d, dm;
+    k_scale_min(b, j, &d, &dm);
     __m128i q[4];
     nibbles32(b + 16 + 32 * (j >> 1), j, q);
     for (int v = 0; v < 4; ++v) w[v] = _mm256_fmsub_ps(d, u8_to_ps(q[v]), dm);  // (d * sc) * q is exact
@@ -163,9 +170,8 @@ struct Q5_K {
   static inline void load(const uint8_t* row, int64_t s, __m256 w[4]) {
     const uint8_t* b = row + (s >> 3) * kBytes;
     const int64_t j = s & 7;
-    float sc, mn;
-    scale_min_k4(j, b + 4, &sc, &mn);
-    const __m256 d = _mm256_set1_ps(half_at(b) * sc), dm = _mm256_set1_ps(half_at(b + 2) * mn);
+    __m256 d, dm;
+    k_scale_min(b, j, &d, &dm);
     __m128i q[4];
     nibbles32(b + 48 + 32 * (j >> 1), j, q);
     const uint8_t* qh = b + 16;
