@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -125,8 +126,8 @@ def run(args: DecodeBenchArgs) -> dict:
           f"read bandwidth {limits['read_bandwidth_gbs']:.1f} GB/s")
     llms = {"foreseer": LLM(args.model, weight_format="auto", kv_cache_gib=0.25),
             "foreseer_float32": LLM(args.model, weight_format="float32", kv_cache_gib=0.25)}
-    gguf = llms["foreseer"].engine.source
-    if args.llamacpp and not gguf.is_gguf:
+    source = llms["foreseer"].engine.source
+    if args.llamacpp and not source.is_gguf:
         raise ValueError("the llama.cpp baseline needs a GGUF model")
 
     report["decode"] = []
@@ -136,7 +137,7 @@ def run(args: DecodeBenchArgs) -> dict:
         if args.llamacpp:
             from foreseer.bench.llamacpp import llamacpp_decode
 
-            ways["llamacpp"] = functools.partial(llamacpp_decode, gguf.path, context, args.new_tokens, threads,
+            ways["llamacpp"] = functools.partial(llamacpp_decode, source.path, context, args.new_tokens, threads,
                                                  repeats=1)
         for way in ways.values():
             way()  # warm-up: kernels built, caches and thread pools started
@@ -171,17 +172,12 @@ def run(args: DecodeBenchArgs) -> dict:
     if args.llamacpp:
         from foreseer.bench.llamacpp import llamacpp_rss_after_load
 
-        report["rss_mb"]["llamacpp"] = llamacpp_rss_after_load(gguf.path, threads) / 1e6
-    report["rss_mb"]["gguf_file"] = _file_mb(gguf.path)
+        report["rss_mb"]["llamacpp"] = llamacpp_rss_after_load(source.path, threads) / 1e6
+    if source.is_gguf:
+        report["rss_mb"]["gguf_file"] = os.path.getsize(source.path) / 1e6
     print(_line("resident memory after load (MB)", report["rss_mb"]))
     write_json(report, args.output_json)
     return report
-
-
-def _file_mb(path: str) -> float:
-    import os
-
-    return os.path.getsize(path) / 1e6
 
 
 def _line(title: str, values: dict) -> str:

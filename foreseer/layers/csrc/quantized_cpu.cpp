@@ -334,6 +334,8 @@ torch::Tensor activations(const torch::Tensor& x, int64_t K) {
 
 }  // namespace
 
+constexpr int64_t kRowBlock = 32;  // weight rows per block of flat_matmul
+
 // y = x W^T, W streamed once: output rows are split among threads, and each weight row serves every row of x.
 torch::Tensor flat_matmul(torch::Tensor x, torch::Tensor weight, int64_t type, int64_t in_features) {
   check_weight(weight, in_features);
@@ -347,13 +349,23 @@ torch::Tensor flat_matmul(torch::Tensor x, torch::Tensor weight, int64_t type, i
     using F = decltype(format);
     check_row_bytes<F>(weight, K);
     at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const uint8_t* row = wp + n * row_bytes;
+      // Blocks of kRowBlock weight rows, each swept by every group of 8 rows of x in turn: the group (8 x K
+      // floats) stays in L1 across the block, and the block's stored bytes in L2 across the groups, where
+      // walking one weight row across all of x would stream x from L2 for every weight row.
+      for (int64_t n0 = begin; n0 < end; n0 += kRowBlock) {
+        const int64_t n1 = std::min(end, n0 + kRowBlock);
         int64_t m = 0;
-        for (; m + 8 <= M; m += 8) dot_rows<F, 8>(row, K, xp + m * K, K, op + m * N + n, N);
-        if (m + 4 <= M) { dot_rows<F, 4>(row, K, xp + m * K, K, op + m * N + n, N); m += 4; }
-        if (m + 2 <= M) { dot_rows<F, 2>(row, K, xp + m * K, K, op + m * N + n, N); m += 2; }
-        if (m < M) dot_rows<F, 1>(row, K, xp + m * K, K, op + m * N + n, N);
+        for (; m + 8 <= M; m += 8) {
+          for (int64_t n = n0; n < n1; ++n) dot_rows<F, 8>(wp + n * row_bytes, K, xp + m * K, K, op + m * N + n, N);
+        }
+        const int64_t rest = M - m;
+        for (int64_t n = n0; n < n1; ++n) {
+          const uint8_t* row = wp + n * row_bytes;
+          int64_t r = m;
+          if (rest & 4) { dot_rows<F, 4>(row, K, xp + r * K, K, op + r * N + n, N); r += 4; }
+          if (rest & 2) { dot_rows<F, 2>(row, K, xp + r * K, K, op + r * N + n, N); r += 2; }
+          if (rest & 1) dot_rows<F, 1>(row, K, xp + r * K, K, op + r * N + n, N);
+        }
       }
     });
   });
