@@ -183,15 +183,13 @@ def choose_dataflows(model: nn.Module) -> dict[tuple, int]:
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             key = module.dataflow_key()
-            if key not in thresholds:
-                thresholds[key] = _flat_max_rows(module, key)
-            module.flat_max_rows = thresholds[key]
+            module.flat_max_rows = thresholds[key] = _flat_max_rows(module, key)
     if thresholds:
         logger.info("flat GEMM up to rows: %s", {k[0][0]: v for k, v in thresholds.items()})
     return thresholds
 
 
-_measured: dict[tuple, int] = {}
+_measured: dict[tuple, int] = {}  # by dataflow_key: a process times each shape once
 
 
 @torch.inference_mode()
