@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from foreseer.registry import ATTENTION_BACKENDS, DRAFT_PROPOSERS, SCHEDULING_POLICIES
+
 WEIGHT_FORMATS = ("auto", "float32")
 
 
@@ -31,12 +33,10 @@ class SchedulerConfig:
     mlfq_prefill_tokens_per_iteration: int = 64  # prompt tokens that cost one decode iteration (skip-join)
 
     def __post_init__(self) -> None:
-        from foreseer.core.policies import POLICIES
-
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
         _check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
-        _check(self.policy in POLICIES, "scheduling_policy",
-               f"must be one of {', '.join(sorted(POLICIES))}, got {self.policy!r}")
+        _check(self.policy in SCHEDULING_POLICIES, "scheduling_policy",
+               f"must be one of {', '.join(sorted(SCHEDULING_POLICIES))}, got {self.policy!r}")
         _check(self.max_wait_s > 0, "max_wait_s", "must be > 0")
         for name in ("mlfq_levels", "mlfq_base_quantum", "mlfq_prefill_tokens_per_iteration"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
@@ -64,10 +64,8 @@ class SpeculativeConfig:
     calibrate: bool = True
 
     def __post_init__(self) -> None:
-        from foreseer.spec import PROPOSERS
-
-        _check(self.method in PROPOSERS, "speculative_config.method",
-               f"must be one of {', '.join(sorted(PROPOSERS))}, got {self.method!r}")
+        _check(self.method in DRAFT_PROPOSERS, "speculative_config.method",
+               f"must be one of {', '.join(sorted(DRAFT_PROPOSERS))}, got {self.method!r}")
         _check(isinstance(self.num_speculative_tokens, int) and self.num_speculative_tokens >= 1,
                "speculative_config.num_speculative_tokens", "must be an integer >= 1")
         _check(isinstance(self.tree_width, int) and self.tree_width >= 1, "speculative_config.tree_width",
@@ -150,6 +148,8 @@ class EngineConfig:
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         _check(self.weight_format in WEIGHT_FORMATS, "weight_format",
                f"must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_format!r}")
+        _check(self.attention_backend == "auto" or self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
+               f"must be one of auto, {', '.join(sorted(ATTENTION_BACKENDS))}, got {self.attention_backend!r}")
         _check(self.length_predictor is None or isinstance(self.length_predictor, str), "length_predictor",
                "must be 'probe' or a directory of a trained probe head")
 

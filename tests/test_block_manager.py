@@ -1,7 +1,7 @@
 """Block manager: reference counts, prefix hits by chained hashes, lazy eviction."""
 
 from foreseer.core.block_manager import BlockManager
-from foreseer.engine.request import Request
+from foreseer.core.request import Request
 from foreseer.sampling_params import SamplingParams
 
 

@@ -17,9 +17,9 @@ from foreseer import LLM, LoRARequest, SamplingParams
 from foreseer.cli import lora_module
 from foreseer.cli import main as cli_main
 from foreseer.config import EngineConfig, LoRAConfig
+from foreseer.core.request import RequestStatus
 from foreseer.engine.async_engine import AsyncLLMEngine
 from foreseer.engine.engine import LLMEngine
-from foreseer.engine.request import RequestStatus
 from foreseer.server import create_app
 
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

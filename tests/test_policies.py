@@ -10,8 +10,8 @@ from foreseer.config import SchedulerConfig
 from foreseer.core.block_manager import BlockManager
 from foreseer.core.output import ModelRunnerOutput
 from foreseer.core.policies import get_policy
+from foreseer.core.request import Request, RequestStatus
 from foreseer.core.scheduler import Scheduler
-from foreseer.engine.request import Request, RequestStatus
 from foreseer.lengths.features import prompt_hidden_states
 from foreseer.lengths.probe import ProbeConfig, ProbeHead
 

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from foreseer import LLM, SamplingParams
-from foreseer.engine.request import Request
-from foreseer.spec.tree import DraftTree
+from foreseer.core.draft_tree import DraftTree
+from foreseer.core.request import Request
 from foreseer.worker.sampler import Sampler
 
 

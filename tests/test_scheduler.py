@@ -6,8 +6,8 @@ from foreseer import LLM, SamplingParams
 from foreseer.config import SchedulerConfig
 from foreseer.core.block_manager import BlockManager
 from foreseer.core.policies import get_policy
+from foreseer.core.request import Request
 from foreseer.core.scheduler import Scheduler
-from foreseer.engine.request import Request
 
 
 def _scheduler(budget=8, max_seqs=8, blocks=64, policy="fcfs") -> Scheduler:

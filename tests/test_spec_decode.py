@@ -5,13 +5,13 @@ import torch
 
 from foreseer import LLM, SamplingParams
 from foreseer.config import SpeculativeConfig
-from foreseer.spec import NgramProposer
+from foreseer.core.draft_tree import DraftTree
 from foreseer.spec.cost_model import StepCostModel, choose_draft_nodes
 from foreseer.spec.draft_model import OwnKV
 from foreseer.spec.medusa import MedusaConfig, MedusaHeads
+from foreseer.spec.ngram import NgramProposer
 from foreseer.spec.proposer import DraftProposer
-from foreseer.spec.rejection import verify_greedy, verify_sampling
-from foreseer.spec.tree import DraftTree
+from foreseer.worker.rejection import verify_greedy, verify_sampling
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
 # Step time flat up to 8 tokens, then proportional to them: memory-bound small batches, compute-bound large ones.
@@ -484,7 +484,7 @@ def test_measured_step_times_correct_the_price_of_drafting():
 
 def test_acceptance_estimate_keeps_exploring_after_an_early_rejection():
     """Only drafting gives evidence of acceptance: one rejected first draft must not turn drafting off for good."""
-    from foreseer.engine.request import Request
+    from foreseer.core.request import Request
     from foreseer.spec.speculator import PRIOR_WEIGHT, Speculator
 
     config = SpeculativeConfig("ngram")

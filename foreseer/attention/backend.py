@@ -55,17 +55,3 @@ class AttentionBackend(ABC):
     @abstractmethod
     def move_kv(self, kv_cache: tuple[torch.Tensor, torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the cached K/V of slots `src` to slots `dst` (an accepted tree path, packed after its root)."""
-
-
-def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
-    """"auto" takes the C++ kernels on a CPU in float32 where they build, else the PyTorch backend."""
-    from foreseer.attention.cpu_backend import CpuPagedAttention, load_cpu_kernels
-    from foreseer.attention.torch_backend import TorchPagedAttention
-
-    if name == "auto":
-        use_kernels = device.type == "cpu" and dtype == torch.float32 and load_cpu_kernels() is not None
-        name = CpuPagedAttention.name if use_kernels else TorchPagedAttention.name
-    backends = {b.name: b for b in (TorchPagedAttention, CpuPagedAttention)}
-    if name not in backends:
-        raise ValueError(f"unknown attention_backend {name!r}; available: auto, {', '.join(sorted(backends))}")
-    return backends[name]()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the request module imports the speculative decoding package, which uses block managers
-    from foreseer.engine.request import Request
+    from foreseer.core.request import Request
 
 
 @dataclass

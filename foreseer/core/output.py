@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from foreseer.engine.request import Request
+from foreseer.core.draft_tree import DraftTree
+from foreseer.core.request import Request
 from foreseer.outputs import Logprob
-from foreseer.spec.tree import DraftTree
 
 
 @dataclass

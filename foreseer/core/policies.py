@@ -24,7 +24,8 @@ from typing import ClassVar
 
 from foreseer.config import SchedulerConfig
 from foreseer.core.block_manager import BlockManager
-from foreseer.engine.request import Request, RequestStatus
+from foreseer.core.request import Request, RequestStatus
+from foreseer.registry import SCHEDULING_POLICIES
 
 
 class SchedulingPolicy(ABC):
@@ -183,12 +184,7 @@ class S3Policy(FCFSPolicy):
         return block_manager.num_free_blocks - sum(unheld(r) for r in running) >= unheld(request)
 
 
-POLICIES: dict[str, type[SchedulingPolicy]] = {
-    p.name: p for p in (FCFSPolicy, PriorityPolicy, SJFPolicy, MLFQPolicy, S3Policy)
-}
-
-
 def get_policy(name: str, config: SchedulerConfig | None = None) -> SchedulingPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown scheduling_policy {name!r}; available: {', '.join(sorted(POLICIES))}")
-    return POLICIES[name](config)
+    if name not in SCHEDULING_POLICIES:
+        raise ValueError(f"unknown scheduling_policy {name!r}; available: {', '.join(sorted(SCHEDULING_POLICIES))}")
+    return SCHEDULING_POLICIES[name](config)

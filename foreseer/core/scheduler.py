@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 from foreseer.config import SchedulerConfig
 from foreseer.core.block_manager import BlockManager
+from foreseer.core.draft_tree import DraftTree
 from foreseer.core.output import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
 from foreseer.core.policies import SchedulingPolicy
-from foreseer.engine.request import Request, RequestStatus
-from foreseer.spec.tree import DraftTree
+from foreseer.core.request import Request, RequestStatus
 
 
 class AdmissionError(Exception):

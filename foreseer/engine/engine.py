@@ -12,17 +12,18 @@ import torch
 from foreseer.config import EngineConfig
 from foreseer.core.block_manager import BlockManager
 from foreseer.core.policies import get_policy
+from foreseer.core.request import Request
 from foreseer.core.scheduler import Scheduler
 from foreseer.engine.detokenizer import IncrementalDetokenizer
-from foreseer.engine.request import Request
 from foreseer.lengths.probe import ProbeHead, default_probe_dir
-from foreseer.lora import LoRAAdapter, LoRAManager, LoRARequest
+from foreseer.lora.adapter import LoRAAdapter
 from foreseer.lora.admission import LoRAAdmission
-from foreseer.lora.manager import LoRAStats
+from foreseer.lora.manager import LoRAManager, LoRAStats
+from foreseer.lora.request import LoRARequest
 from foreseer.models.loader import load_model_config, load_tokenizer, resolve_model
 from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpeculationFigures
+from foreseer.registry import DRAFT_PROPOSERS
 from foreseer.sampling_params import SamplingParams
-from foreseer.spec import PROPOSERS
 from foreseer.spec.speculator import Speculator
 from foreseer.worker.model_runner import ModelRunner
 
@@ -117,7 +118,7 @@ class LLMEngine:
             return None
         budget = self.config.scheduler.max_num_batched_tokens
         counts = sorted({min(n, budget) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)})
-        proposer = PROPOSERS[spec.method].create(spec, self.runner, self.block_manager)
+        proposer = DRAFT_PROPOSERS[spec.method].create(spec, self.runner, self.block_manager)
         return Speculator(spec, proposer, self.runner.measure_step_costs(counts))
 
     def _length_probe_dir(self) -> str | None:

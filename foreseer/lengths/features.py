@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from foreseer.attention import forward_context
-from foreseer.engine.request import Request
+from foreseer.core.request import Request
 from foreseer.sampling_params import SamplingParams
 from foreseer.worker.model_runner import Segment, prepare_batch
 

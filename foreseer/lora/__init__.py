@@ -1,8 +1,8 @@
-"""Multi-LoRA serving: PEFT adapters loaded beside the base model and applied per request in one batch."""
+"""Multi-LoRA serving: PEFT adapters loaded beside the base model and applied per request in one batch.
 
-from foreseer.lora.adapter import LoRAAdapter, load_adapter
-from foreseer.lora.context import LoRABatch, apply_lora, lora_context
-from foreseer.lora.manager import LoRAManager
+The package root holds only what callers name (LoRARequest): the layers import the forward-time pieces
+(`context`, `ops`, `backends`) without pulling in the manager, which sits above the scheduler's block manager."""
+
 from foreseer.lora.request import LoRARequest
 
-__all__ = ["LoRAAdapter", "LoRABatch", "LoRAManager", "LoRARequest", "apply_lora", "load_adapter", "lora_context"]
+__all__ = ["LoRARequest"]

@@ -17,8 +17,8 @@ adapters. The scheduler sees an AdmissionGate; the policy still orders the reque
 
 from __future__ import annotations
 
+from foreseer.core.request import Request
 from foreseer.core.scheduler import AdmissionError, AdmissionGate
-from foreseer.engine.request import Request
 from foreseer.lora.manager import LoRAManager
 
 

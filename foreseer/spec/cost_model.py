@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from foreseer.spec.tree import DraftTree
+from foreseer.core.draft_tree import DraftTree
 
 # Drafting must promise at least this much more throughput than not drafting: the step-cost measurements drift
 # by a few percent on a busy machine, and a predicted gain within that error turned into measured slowdowns.

@@ -29,13 +29,13 @@ from torch import nn
 from foreseer.attention import AttentionBackend, forward_context
 from foreseer.config import SpeculativeConfig
 from foreseer.core.block_manager import BlockManager
+from foreseer.core.draft_tree import DraftTree
 from foreseer.layers.quantization import quantize_linears_int8
 from foreseer.spec.cost_model import StepCostModel
 from foreseer.spec.proposer import DraftProposer
-from foreseer.spec.tree import DraftTree
 
 if TYPE_CHECKING:
-    from foreseer.engine.request import Request
+    from foreseer.core.request import Request
     from foreseer.worker.model_runner import ModelRunner, Segment
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")

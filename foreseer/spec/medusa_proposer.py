@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from foreseer.config import SpeculativeConfig
+from foreseer.core.draft_tree import DraftTree
 from foreseer.spec.medusa import MedusaHeads, shipped_heads_dir
 from foreseer.spec.proposer import DraftProposer
-from foreseer.spec.tree import DraftTree
 
 if TYPE_CHECKING:
     from foreseer.core.block_manager import BlockManager
-    from foreseer.engine.request import Request
+    from foreseer.core.request import Request
     from foreseer.worker.model_runner import ModelRunner
 
 

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from foreseer.config import SpeculativeConfig
+from foreseer.core.draft_tree import DraftTree
 from foreseer.spec.proposer import DraftProposer
-from foreseer.spec.tree import DraftTree
 
 if TYPE_CHECKING:  # the request module imports the draft tree from this package
-    from foreseer.engine.request import Request
+    from foreseer.core.request import Request
 
 
 class NgramProposer(DraftProposer):

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from foreseer.config import SpeculativeConfig
+from foreseer.core.draft_tree import DraftTree
 from foreseer.spec.cost_model import StepCostModel
-from foreseer.spec.tree import DraftTree
 
 if TYPE_CHECKING:  # the request module imports the draft tree from this package
     from foreseer.core.block_manager import BlockManager
-    from foreseer.engine.request import Request
+    from foreseer.core.request import Request
     from foreseer.worker.model_runner import ModelRunner
 
 

@@ -12,12 +12,12 @@ import math
 import torch
 
 from foreseer.config import SpeculativeConfig
+from foreseer.core.draft_tree import DraftTree
 from foreseer.core.output import ScheduledRequest
-from foreseer.engine.request import Request
+from foreseer.core.request import Request
 from foreseer.outputs import SpeculationFigures
 from foreseer.spec.cost_model import Calibration, StepCostModel, StepScales, choose_draft_depth, choose_draft_nodes
 from foreseer.spec.proposer import DraftProposer
-from foreseer.spec.tree import DraftTree
 
 CATCH_UP_HORIZON = 512  # tokens ahead over which a draft model's catch-up may pay for itself
 PRIOR_WEIGHT = 4.0  # how many observed tokens a request's own acceptance needs to outweigh the engine's

@@ -15,15 +15,16 @@ from torch import nn
 
 from foreseer.attention import AttentionBackend, AttentionMetadata, PrefillSegment, forward_context, get_backend
 from foreseer.config import EngineConfig
+from foreseer.core.draft_tree import DraftTree
 from foreseer.core.output import ModelRunnerOutput, SchedulerOutput
-from foreseer.engine.request import Request
+from foreseer.core.request import Request
 from foreseer.layers.quantized_linear import choose_dataflows, load_kernels
-from foreseer.lora import LoRAManager, lora_context
+from foreseer.lora.context import lora_context
+from foreseer.lora.manager import LoRAManager
 from foreseer.models.config import ModelConfig
 from foreseer.models.loader import ModelSource, iter_weights
 from foreseer.models.registry import build_model
 from foreseer.spec.cost_model import StepCostModel
-from foreseer.spec.tree import DraftTree
 from foreseer.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)

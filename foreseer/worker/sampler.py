@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from foreseer.engine.request import Request
+from foreseer.core.draft_tree import DraftTree
+from foreseer.core.request import Request
 from foreseer.outputs import Logprob
-from foreseer.spec.rejection import verify_greedy, verify_sampling
-from foreseer.spec.tree import DraftTree
+from foreseer.worker.rejection import verify_greedy, verify_sampling
 
 
 class Sampler:

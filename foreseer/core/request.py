@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from foreseer.core.draft_tree import DraftTree
 from foreseer.outputs import Logprob, RequestMetrics
 from foreseer.sampling_params import SamplingParams
-from foreseer.spec.tree import DraftTree
 
 if TYPE_CHECKING:
     from foreseer.lora.request import LoRARequest

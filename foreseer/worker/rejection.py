@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from foreseer.spec.tree import DraftTree
+from foreseer.core.draft_tree import DraftTree
 
 
 def verify_greedy(tree: DraftTree, target_argmax: list[int]) -> tuple[list[int], list[int]]:
