@@ -9,13 +9,13 @@ import sys
 
 from foreseer.bench.data import DEFAULT_DATASET
 from foreseer.bench.seqsched import ROWS as SEQSCHED_ROWS
-from foreseer.lengths.cli import add_lengths_parser
-from foreseer.lora.train import add_arguments as add_lora_train_arguments
-from foreseer.lora.train import main as lora_train_main
-from foreseer.spec.search_layers import add_arguments as add_search_layers_arguments
-from foreseer.spec.search_layers import main as search_layers_main
-from foreseer.spec.train_medusa import add_arguments as add_train_medusa_arguments
-from foreseer.spec.train_medusa import main as train_medusa_main
+from foreseer.training.lengths.cli import add_lengths_parser
+from foreseer.training.lora_adapters import add_arguments as add_lora_train_arguments
+from foreseer.training.lora_adapters import main as lora_train_main
+from foreseer.training.search_layers import add_arguments as add_search_layers_arguments
+from foreseer.training.search_layers import main as search_layers_main
+from foreseer.training.train_medusa import add_arguments as add_train_medusa_arguments
+from foreseer.training.train_medusa import main as train_medusa_main
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from foreseer.config import EngineConfig
-from foreseer.engine.batching import BatchingStrategy, Job, get_strategy
 from foreseer.engine.engine import LLMEngine
+from foreseer.lengths.batching import BatchingStrategy, Job, get_strategy
 from foreseer.lora import LoRARequest
 from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from foreseer.sampling_params import SamplingParams
@@ -52,7 +52,7 @@ class LLM:
 
         `batching` cuts the prompts into batches: "continuous" (the engine's scheduler, the default), "static"
         (fixed batches in arrival order) or "seqsched" (sequence scheduling by predicted length), or a
-        configured strategy from foreseer.engine.batching. Outputs come back in the prompts' order.
+        configured strategy from foreseer.lengths.batching. Outputs come back in the prompts' order.
         """
         strategy = get_strategy(batching)
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):

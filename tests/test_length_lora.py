@@ -16,8 +16,16 @@ from transformers import AutoModelForCausalLM
 
 from foreseer import LLM, LoRARequest, SamplingParams
 from foreseer.cli import main
-from foreseer.lengths.dataset import LengthRecord
-from foreseer.lengths.lora import (
+from foreseer.lengths.predictors import (
+    LoraPredictor,
+    PiaPredictor,
+    create_predictor,
+    instruction_prompt,
+    parse_pia_length,
+)
+from foreseer.training.finetune import ADAPTER_FILES
+from foreseer.training.lengths.dataset import LengthRecord
+from foreseer.training.lengths.lora import (
     LENGTH_QUESTION,
     TRAINING_FILE,
     LoraTrainConfig,
@@ -26,14 +34,6 @@ from foreseer.lengths.lora import (
     train_length_lora,
     training_examples,
 )
-from foreseer.lengths.predictors import (
-    LoraPredictor,
-    PiaPredictor,
-    create_predictor,
-    instruction_prompt,
-    parse_pia_length,
-)
-from foreseer.lora.finetune import ADAPTER_FILES
 
 QUESTIONS = ["hello world, how are you today?", "the quick brown fox jumps over the lazy dog.",
              "a paged cache keeps blocks of keys and values.", "answer in one sentence please.",

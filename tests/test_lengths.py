@@ -11,16 +11,6 @@ import torch
 
 from foreseer import LLM
 from foreseer.cli import main
-from foreseer.lengths.dataset import (
-    BuildConfig,
-    LengthRecord,
-    build,
-    load_records,
-    record_split,
-    sharegpt_questions,
-    split_records,
-)
-from foreseer.lengths.evaluate import evaluate, generation_ms_per_answer, kendall_tau, length_metrics
 from foreseer.lengths.features import prompt_hidden_states
 from foreseer.lengths.predictors import (
     PREDICTORS,
@@ -34,6 +24,16 @@ from foreseer.lengths.predictors import (
     register,
 )
 from foreseer.lengths.probe import ProbeConfig, ProbeHead, TrainConfig, default_probe_dir, train_probe
+from foreseer.training.lengths.dataset import (
+    BuildConfig,
+    LengthRecord,
+    build,
+    load_records,
+    record_split,
+    sharegpt_questions,
+    split_records,
+)
+from foreseer.training.lengths.evaluate import evaluate, generation_ms_per_answer, kendall_tau, length_metrics
 
 QUESTIONS = [
     ("q0", "hello world, how are you today?"),

@@ -1,4 +1,4 @@
-"""The shipped behaviour adapters (foreseer/lora/weights) and their trainer (foreseer/lora/train.py): the
+"""The shipped behaviour adapters (foreseer/lora/weights) and their trainer (foreseer/training/lora_adapters.py): the
 behaviours' checks and targets, training on a tiny model through the CLI, and on the real default model, each
 adapter's behaviour in one mixed batch with the base model, equal to its adapter merged into the weights."""
 
@@ -12,15 +12,14 @@ from safetensors.torch import load_file
 from foreseer import LLM, LoRARequest, SamplingParams
 from foreseer.bench.lora import merged
 from foreseer.cli import main
-from foreseer.lora.train import (
+from foreseer.lora.shipped import SHIPPED, shipped_adapters
+from foreseer.training.lora_adapters import (
     BEHAVIOURS,
-    SHIPPED,
     complete_part,
     first_sentence,
     is_json_answer,
     is_one_sentence,
     is_uppercase,
-    shipped_adapters,
     split_sentences,
 )
 

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from foreseer.spec import train_medusa
 from foreseer.spec.medusa import CONFIG_FILE, WEIGHTS_FILE, MedusaConfig, MedusaHeads, shipped_heads_dir
-from foreseer.spec.train_medusa import (
+from foreseer.training import train_medusa
+from foreseer.training.train_medusa import (
     IGNORE,
     TrainMedusaArgs,
     add_arguments,

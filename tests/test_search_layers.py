@@ -7,7 +7,7 @@ import torch
 
 from foreseer import LLM, SamplingParams
 from foreseer.cli import main
-from foreseer.spec.search_layers import candidate_sets, layer_redundancy
+from foreseer.training.search_layers import candidate_sets, layer_redundancy
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from foreseer import LLM, SamplingParams
-from foreseer.engine.batching import SequenceScheduling, StaticBatching
+from foreseer.lengths.batching import SequenceScheduling, StaticBatching
 from foreseer.lengths.predictors import ConstantPredictor, KnownLengthPredictor, ProbePredictor
 from foreseer.lengths.probe import ProbeConfig, ProbeHead
 

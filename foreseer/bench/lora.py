@@ -292,7 +292,7 @@ def assign_adapters(num_requests: int, num_adapters: int, popularity: str, alpha
 
 def shipped_adapters(model: str) -> list[tuple[str, str]]:
     """(name, directory) of the real adapters shipped for this model (foreseer/lora/weights); [] for others."""
-    from foreseer.lora.train import shipped_adapters as shipped
+    from foreseer.lora.shipped import shipped_adapters as shipped
 
     return list(shipped(model).items())
 

@@ -22,7 +22,7 @@ import torch
 
 from foreseer.bench.data import chat_prompt_ids, load_sharegpt_questions
 from foreseer.bench.report import write_json
-from foreseer.engine.batching import BatchingStrategy, ContinuousBatching, SequenceScheduling, StaticBatching
+from foreseer.lengths.batching import BatchingStrategy, ContinuousBatching, SequenceScheduling, StaticBatching
 from foreseer.lengths.predictors import KnownLengthPredictor, create_predictor
 from foreseer.llm import LLM
 from foreseer.sampling_params import SamplingParams

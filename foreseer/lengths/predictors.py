@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -9,14 +10,18 @@ from typing import ClassVar
 
 import torch
 
-from foreseer.lengths.dataset import MAX_TOKENS
 from foreseer.lengths.features import prompt_hidden_states
-from foreseer.lengths.lora import LENGTH_QUESTION, default_adapter_dir
 from foreseer.lengths.probe import ProbeHead, default_probe_dir
 from foreseer.lora import LoRARequest
 from foreseer.sampling_params import SamplingParams
 
 # The paper's PiA instruction (Zheng et al., 2023), appended to the user's message.
+MAX_TOKENS = 512  # the answer cap of the length datasets the shipped predictors learnt from
+LENGTH_QUESTION = ("How many tokens will your answer to the above have? Do not answer it; reply with one number "
+                   "only.")
+WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+# Packaged model name -> directory of its trained length adapter under WEIGHTS_DIR.
+SHIPPED_ADAPTERS = {"smollm2-135m-instruct": "smollm2-135m-instruct-length-lora"}
 PIA_INSTRUCTION = (
     "Don't output the response for the above instruction. Instead, you need to predict the number of tokens in "
     "your response. Output only one number."
@@ -25,6 +30,14 @@ PIA_LIMIT = 8192  # a stated length above this is not an estimate but noise
 # The length adapter's lora_int_id: far from the small ids users give their own adapters.
 LENGTH_LORA_ID = 2**31 - 1
 TOKENS_PER_WORD = 1.33  # when the model states words instead of tokens
+
+
+def default_adapter_dir(model: str) -> str:
+    """The shipped length adapter of a packaged model; ValueError if none is shipped."""
+    if model not in SHIPPED_ADAPTERS:
+        raise ValueError(f"no length adapter is shipped for model {model!r}; shipped: {', '.join(SHIPPED_ADAPTERS)} "
+                         "(train one with `foreseer lengths train --predictor lora`)")
+    return os.path.join(WEIGHTS_DIR, SHIPPED_ADAPTERS[model])
 
 
 class LengthPredictor(ABC):
@@ -157,8 +170,9 @@ class PiaPredictor(LengthPredictor):
 @register
 class LoraPredictor(PiaPredictor):
     """The paper's instruction-tuned predictor (Zheng et al., 2023): the model itself with a LoRA adapter trained
-    to answer LENGTH_QUESTION with its longest answer's length (foreseer/lengths/lora.py). The engine serves the
-    adapter beside the base model, in the same batches as user requests; it needs LLM(..., enable_lora=True)."""
+    to answer LENGTH_QUESTION with its longest answer's length (trained by foreseer/training/lengths/lora.py). The
+    engine serves the adapter beside the base model, in the same batches as user requests; it needs
+    LLM(..., enable_lora=True)."""
 
     name = "lora"
 

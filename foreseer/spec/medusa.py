@@ -2,7 +2,7 @@
 
 Head i maps the final (post-norm) hidden state h of token t to h + SiLU(W_i h + b_i); the base model's lm_head
 turns that into logits for token t + i + 2 (the lm_head on h itself predicts t + 1). The heads are trained with
-the backbone and lm_head frozen (foreseer/spec/train_medusa.py), so they ship as a few MB next to a model.
+the backbone and lm_head frozen (foreseer/training/train_medusa.py), so they ship as a few MB next to a model.
 """
 
 from __future__ import annotations

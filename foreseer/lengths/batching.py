@@ -22,11 +22,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar
 
 from foreseer.engine.detokenizer import IncrementalDetokenizer
+from foreseer.lengths.predictors import LengthPredictor, create_predictor
 from foreseer.outputs import RequestOutput
 from foreseer.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from foreseer.lengths.predictors import LengthPredictor
     from foreseer.llm import LLM
     from foreseer.lora import LoRARequest
 
@@ -317,8 +317,6 @@ class SequenceScheduling(BatchingStrategy):
 
     def _predictor(self, llm: LLM) -> LengthPredictor:
         if isinstance(self.predictor, str):
-            from foreseer.lengths.predictors import create_predictor
-
             options = self.predictor_options
             if options is None:
                 options = self.DEFAULT_PREDICTOR_OPTIONS.get(self.predictor, {})

@@ -9,8 +9,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from foreseer.lengths.dataset import LengthRecord
 from foreseer.lengths.predictors import LengthPredictor
+from foreseer.training.lengths.dataset import LengthRecord
 
 
 @dataclass

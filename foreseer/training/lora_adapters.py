@@ -29,14 +29,10 @@ import torch
 
 from foreseer.bench.data import DEFAULT_DATASET, chat_prompt_ids, load_sharegpt_turns
 from foreseer.commands import args_dataclass
-from foreseer.lora.finetune import ADAPTER_FILES, FinetuneConfig, end_token, finetune
+from foreseer.lora.shipped import DEFAULT_MODEL, SHIPPED, WEIGHTS_DIR
+from foreseer.training.finetune import FinetuneConfig, end_token, finetune
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 TRAINING_FILE = "training.json"
-DEFAULT_MODEL = "smollm2-135m-instruct"
-# Packaged model name -> behaviour -> directory of its adapter under WEIGHTS_DIR.
-SHIPPED = {DEFAULT_MODEL: {name: f"{DEFAULT_MODEL}-{name.replace('_', '-')}"
-                           for name in ("uppercase", "json", "one_sentence")}}
 
 
 # -- behaviours ---------------------------------------------------------------------------------------------------
@@ -145,13 +141,6 @@ BEHAVIOURS = {
                       is_json_answer),
     "one_sentence": Behaviour("one_sentence", "answers in one sentence", _one_sentence_target, is_one_sentence),
 }
-
-
-def shipped_adapters(model: str = DEFAULT_MODEL) -> dict[str, str]:
-    """behaviour -> directory of the adapters shipped for this model (only those present); {} for other models."""
-    names = SHIPPED.get(model, {})
-    paths = {name: os.path.join(WEIGHTS_DIR, directory) for name, directory in names.items()}
-    return {name: path for name, path in paths.items() if os.path.isfile(os.path.join(path, ADAPTER_FILES[1]))}
 
 
 def is_english(text: str, min_ascii: float = 0.95) -> bool:
@@ -405,8 +394,8 @@ def write_readme(output_dir: str, summary: dict, paths: dict[str, str]) -> None:
     lines = [
         f"# Behaviour LoRA adapters for {summary['model']}", "",
         "Small PEFT LoRA adapters whose effect shows in the output, for multi-LoRA serving demos, tests and "
-        "`foreseer bench lora`. Trained by `foreseer lora train` (foreseer/lora/train.py) on the model's own "
-        "greedy answers to ShareGPT questions, turned into each behaviour.", "",
+        "`foreseer bench lora`. Trained by `foreseer lora train` (foreseer/training/lora_adapters.py) on the model's "
+        "own greedy answers to ShareGPT questions, turned into each behaviour.", "",
         "| adapter | directory | behaviour | training examples | training time | held-out rate (base model) |",
         "|---|---|---|---|---|---|",
     ]
@@ -436,12 +425,12 @@ def write_readme(output_dir: str, summary: dict, paths: dict[str, str]) -> None:
         f"- Held-out: {summary.get('eval', {}).get('num_questions', 0)} English questions after the training ones "
         f"(questions {data['held_out_indices'][0] if data['held_out_indices'] else '-'}..), answered in one mixed "
         "batch by the base model and the three adapters; the rate is the share of answers that pass the "
-        "behaviour's check (foreseer.lora.train.BEHAVIOURS).",
+        "behaviour's check (foreseer.training.lora_adapters.BEHAVIOURS).",
         "", "Each directory holds adapter_config.json and adapter_model.safetensors (PEFT format) and training.json "
         "(this run's record: losses, time, rates).", "",
         "## Use", "", "```python",
         "from foreseer import LLM, LoRARequest, SamplingParams",
-        "from foreseer.lora.train import shipped_adapters", "",
+        "from foreseer.lora.shipped import shipped_adapters", "",
         f'llm = LLM("{summary["model"]}", enable_lora=True, max_lora_rank={train["rank"]}, max_loras=3)',
         "loras = [LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(shipped_adapters().items())]",
         'out = llm.chat([[{"role": "user", "content": "Why is the sky blue?"}]] * 3, '
@@ -486,12 +475,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    run(args_dataclass(TrainArgs, args, "foreseer.lora.train", __file__))
+    run(args_dataclass(TrainArgs, args, "foreseer.training.lora_adapters", __file__))
     return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m foreseer.lora.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m foreseer.training.lora_adapters", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

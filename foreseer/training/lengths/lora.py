@@ -4,7 +4,7 @@ answer "how many tokens will your answer have" with a number.
 Training runs on Hugging Face transformers with `peft` (rank 8 on q_proj and v_proj by default, the paper's
 setting) and saves the adapter in PEFT format, so that the engine serves it like any user adapter, in the same
 batches as user requests. The predictor that asks the question through the engine is `LoraPredictor`
-(foreseer/lengths/predictors.py, registered as "lora").
+(foreseer/lengths/predictors.py, registered as "lora"), which also holds the question and the shipped adapter.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from foreseer.lengths.dataset import LengthRecord
-from foreseer.lora.finetune import FinetuneConfig, end_token, finetune
+from foreseer.lengths.predictors import LENGTH_QUESTION, default_adapter_dir, instruction_prompt
+from foreseer.training.finetune import FinetuneConfig, end_token, finetune
+from foreseer.training.lengths.dataset import LengthRecord
 
-LENGTH_QUESTION = ("How many tokens will your answer to the above have? Do not answer it; reply with one number "
-                   "only.")
+__all__ = ["LENGTH_QUESTION", "TRAINING_FILE", "LoraTrainConfig", "default_adapter_dir", "read_training_record",
+           "train_length_lora", "training_examples", "write_training_record"]
+
 TRAINING_FILE = "length_training.json"  # beside the adapter: how it was trained and how well it does
-WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
-# Packaged model name -> directory of its trained length adapter under WEIGHTS_DIR.
-SHIPPED_ADAPTERS = {"smollm2-135m-instruct": "smollm2-135m-instruct-length-lora"}
 
 
 @dataclass
@@ -39,18 +38,8 @@ class LoraTrainConfig(FinetuneConfig):
     extra: dict = field(default_factory=dict)  # recorded as is (dataset summary, command line)
 
 
-def default_adapter_dir(model: str) -> str:
-    """The shipped length adapter of a packaged model; ValueError if none is shipped."""
-    if model not in SHIPPED_ADAPTERS:
-        raise ValueError(f"no length adapter is shipped for model {model!r}; shipped: {', '.join(SHIPPED_ADAPTERS)} "
-                         "(train one with `foreseer lengths train --predictor lora`)")
-    return os.path.join(WEIGHTS_DIR, SHIPPED_ADAPTERS[model])
-
-
 def training_examples(tokenizer, records: Sequence[LengthRecord]) -> list[tuple[list[int], list[int]]]:
     """(prompt, answer) token ids: the chat prompt with the length question, and the label as a number, ended."""
-    from foreseer.lengths.predictors import instruction_prompt  # predictors imports this module
-
     end = end_token(tokenizer)
     examples = []
     for record in records:

@@ -12,7 +12,7 @@ import sys
 import time
 
 from foreseer.bench.data import DEFAULT_DATASET
-from foreseer.lengths.dataset import MAX_TOKENS, TEMPERATURES
+from foreseer.training.lengths.dataset import MAX_TOKENS, TEMPERATURES
 
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -93,7 +93,7 @@ def _setup(args: argparse.Namespace):
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from foreseer.lengths.dataset import BuildConfig, build, load_records, sharegpt_questions, split_records
+    from foreseer.training.lengths.dataset import BuildConfig, build, load_records, sharegpt_questions, split_records
 
     config = BuildConfig(tuple(args.temperatures), args.max_tokens, args.max_prompt_tokens,
                          args.max_prompts_in_flight, args.sampling_seed)
@@ -106,7 +106,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _load_split(args: argparse.Namespace):
-    from foreseer.lengths.dataset import load_records, split_records
+    from foreseer.training.lengths.dataset import load_records, split_records
 
     train, val = split_records(load_records(args.data), args.val_fraction)
     if len(train) < 2 or not val:
@@ -119,10 +119,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train_lora(args)
     import torch
 
-    from foreseer.lengths.evaluate import evaluate, generation_ms_per_answer, write_json
     from foreseer.lengths.features import prompt_hidden_states
     from foreseer.lengths.predictors import ProbePredictor
     from foreseer.lengths.probe import ProbeConfig, TrainConfig, default_probe_dir, train_probe
+    from foreseer.training.lengths.evaluate import evaluate, generation_ms_per_answer, write_json
 
     train, val = _load_split(args)
     output_dir = args.output_dir or default_probe_dir(args.model)
@@ -157,9 +157,14 @@ def _train_lora(args: argparse.Namespace) -> int:
     """Train the adapter on transformers (the engine's own model source, fp32), then score it on the validation
     split through the engine, which serves it as a LoRA adapter; the record lands beside the adapter."""
     from foreseer.bench.throughput import load_hf_model
-    from foreseer.lengths.evaluate import evaluate, generation_ms_per_answer, write_json
-    from foreseer.lengths.lora import LoraTrainConfig, default_adapter_dir, train_length_lora, write_training_record
     from foreseer.lengths.predictors import LoraPredictor, parse_pia_length
+    from foreseer.training.lengths.evaluate import evaluate, generation_ms_per_answer, write_json
+    from foreseer.training.lengths.lora import (
+        LoraTrainConfig,
+        default_adapter_dir,
+        train_length_lora,
+        write_training_record,
+    )
 
     train, val = _load_split(args)
     if args.limit is not None and args.limit < 1:
@@ -210,9 +215,9 @@ def _dataset_summary(args: argparse.Namespace, train: list, val: list) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from foreseer.lengths.evaluate import evaluate, generation_ms_per_answer, write_json
-    from foreseer.lengths.lora import default_adapter_dir
     from foreseer.lengths.predictors import PREDICTORS, create_predictor
+    from foreseer.training.lengths.evaluate import evaluate, generation_ms_per_answer, write_json
+    from foreseer.training.lengths.lora import default_adapter_dir
 
     if args.predictor not in PREDICTORS:
         raise ValueError(f"unknown length predictor {args.predictor!r}; available: {', '.join(sorted(PREDICTORS))}")

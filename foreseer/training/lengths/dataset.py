@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from foreseer.bench.data import chat_prompt_ids, load_sharegpt_questions
+from foreseer.lengths.predictors import MAX_TOKENS
 from foreseer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 TEMPERATURES = (0.0, 0.3, 0.5, 0.7)
-MAX_TOKENS = 512
 
 
 @dataclass

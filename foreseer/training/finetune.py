@@ -1,9 +1,9 @@
 """Fine-tune a PEFT LoRA adapter on (prompt, target) token pairs with transformers, and save it in PEFT format.
 
-The one trainer behind `foreseer lora train` (behaviour adapters, foreseer/lora/train.py) and
-`foreseer lengths train --predictor lora` (the length adapter, foreseer/lengths/lora.py). The loss is on the target
-tokens only; batches hold examples of similar length; the learning rate warms up linearly, then decays linearly
-to zero.
+The one trainer behind `foreseer lora train` (behaviour adapters, foreseer/training/lora_adapters.py) and
+`foreseer lengths train --predictor lora` (the length adapter, foreseer/training/lengths/lora.py). The loss is on
+the target tokens only; batches hold examples of similar length; the learning rate warms up linearly, then decays
+linearly to zero.
 """
 
 from __future__ import annotations

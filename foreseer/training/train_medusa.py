@@ -295,12 +295,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    run(args_dataclass(TrainMedusaArgs, args, "foreseer.spec.train_medusa", __file__))
+    run(args_dataclass(TrainMedusaArgs, args, "foreseer.training.train_medusa", __file__))
     return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m foreseer.spec.train_medusa", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m foreseer.training.train_medusa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))
