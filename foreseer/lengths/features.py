@@ -12,10 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from foreseer.attention import forward_context
 from foreseer.core.request import Request
 from foreseer.sampling_params import SamplingParams
-from foreseer.worker.model_runner import Segment, prepare_batch
+from foreseer.worker.inputs import Segment
 
 
 @torch.inference_mode()
@@ -65,11 +64,8 @@ def _prefill_last_hidden(engine, prompts: list[Sequence[int]]) -> torch.Tensor:
                 raise ValueError("the KV cache has too few free blocks for these prompts; give a larger kv_cache_gib, "
                                  "a smaller max_batch_tokens, or call when the engine is idle")
         order = sorted(range(len(holders)), key=lambda i: holders[i].num_tokens > 1)  # one-token prompts first
-        batch = prepare_batch([Segment(holders[i].token_ids, 0, holders[i].block_table) for i in order],
-                              blocks.block_size, runner.device)
-        with forward_context(runner.backend, batch.metadata):
-            hidden = runner.model(batch.input_ids, batch.positions)
-        last = hidden[torch.tensor(batch.sample_index, device=runner.device)].float().cpu()
+        segments = [Segment(holders[i].token_ids, 0, holders[i].block_table) for i in order]
+        last = runner.forward_segments(runner.model, segments).float().cpu()
         # The prompts' KV is in the cache now: their full blocks join the prefix cache, so that generating
         # for the same prompts soon after reuses this prefill instead of computing it again.
         for holder in holders:

@@ -9,35 +9,15 @@ request drafts more when its acceptance is high, and a batch large enough for T(
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 
 from foreseer.core.draft_tree import DraftTree
+from foreseer.worker.profiling import StepCostModel
 
 # Drafting must promise at least this much more throughput than not drafting: the step-cost measurements drift
 # by a few percent on a busy machine, and a predicted gain within that error turned into measured slowdowns.
 MIN_PREDICTED_GAIN = 0.05
 CALIBRATION_DECAY = 0.95  # the weight a calibration keeps on what it measured before the latest step (by default)
-
-
-@dataclass
-class StepCostModel:
-    token_counts: list[int]  # increasing
-    seconds: list[float]  # measured step time at each count (decode rows over a short context)
-    # Attention's share: time per cached token that a decode row reads (a verified draft token is such a row)
-    seconds_per_context_token: float = 0.0
-
-    def __post_init__(self) -> None:
-        if len(self.token_counts) < 2 or self.token_counts != sorted(set(self.token_counts)):
-            raise ValueError("a step cost model needs two or more increasing token counts")
-
-    def cost(self, num_tokens: int, context_tokens: int = 0) -> float:
-        """Piecewise-linear in the measured points, extended linearly beyond the last two, plus the attention
-        reads of `context_tokens` cached tokens (summed over the decode rows)."""
-        xs, ys = self.token_counts, self.seconds
-        i = min(max(bisect.bisect_left(xs, num_tokens), 1), len(xs) - 1)
-        slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
-        return max(ys[i - 1] + slope * (num_tokens - xs[i - 1]), 1e-9) + self.seconds_per_context_token * context_tokens
 
 
 @dataclass

@@ -26,17 +26,20 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from foreseer.attention import AttentionBackend, forward_context
+from foreseer.attention import AttentionBackend
 from foreseer.config import SpeculativeConfig
 from foreseer.core.block_manager import BlockManager
 from foreseer.core.draft_tree import DraftTree
 from foreseer.layers.quantization import quantize_linears_int8
-from foreseer.spec.cost_model import StepCostModel
+from foreseer.models.loader import load_model_config, resolve_model
 from foreseer.spec.proposer import DraftProposer
+from foreseer.worker.inputs import Segment, runs_as_decode_rows
+from foreseer.worker.profiling import StepCostModel
+from foreseer.worker.sampler import Sampler
 
 if TYPE_CHECKING:
     from foreseer.core.request import Request
-    from foreseer.worker.model_runner import ModelRunner, Segment
+    from foreseer.worker.model_runner import ModelRunner
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 LAYER_SKIP_FILE = "{model}-layer-skip.json"  # under WEIGHTS_DIR: the layers `foreseer spec search-layers` chose
@@ -69,8 +72,6 @@ class DraftKV(ABC):
 
     def advance(self, request: Request, segment: Segment, token: int) -> Segment:
         """The next draft step's segment: the token the last one drafted."""
-        from foreseer.worker.model_runner import Segment
-
         return Segment([token], segment.start + len(segment.token_ids), segment.block_table)
 
     def catch_up_tokens(self, request: Request) -> int:
@@ -93,8 +94,6 @@ class TargetKV(DraftKV):
         self.block_manager = block_manager
 
     def start(self, request: Request, length: int, drafting: list[Request]) -> Segment | None:
-        from foreseer.worker.model_runner import Segment
-
         if request.num_computed_tokens != request.num_tokens - 1:
             return None
         if not self.block_manager.allocate_slots(request, length):
@@ -133,8 +132,6 @@ class OwnKV(DraftKV):
 
     def start(self, request: Request, length: int, drafting: list[Request]) -> Segment | None:
         """Brings the draft cache up to the request's last token, with room for `length` drafts."""
-        from foreseer.worker.model_runner import Segment
-
         # A request id can come back for a new request: the token check below keeps what still matches.
         _, seq = self.sequences.get(request.request_id, (request, _DraftSequence()))
         self.sequences[request.request_id] = (request, seq)
@@ -179,55 +176,44 @@ class DraftModelProposer(DraftProposer):
     name = "draft"
     prior_acceptance = 0.8  # a model that imitates the target (its int8 self, a smaller sibling) mostly agrees
 
-    def __init__(self, config: SpeculativeConfig, model: nn.Module, kv: DraftKV, backend: AttentionBackend,
-                 block_size: int, device: torch.device, float_model: nn.Module | None = None,
-                 quantized: bool = False) -> None:
+    def __init__(self, config: SpeculativeConfig, model: nn.Module, kv: DraftKV, runner: ModelRunner,
+                 float_model: nn.Module | None = None, quantized: bool = False) -> None:
         self.model = model
         self.kv = kv
         # With int8 weights and a cache of its own: the same model in float, for prompts' prefills (see _run).
         self.float_model = float_model
         self.catch_up_on_target_weights = float_model is not None
         self.quantized = quantized
-        self.backend = backend
-        self.device = device
-        self.block_size = block_size
+        self.runner = runner  # runs the draft's forward passes over its KV cache
         self.threshold = config.draft_confidence
         self.target_acceptance = config.target_acceptance
         self.draft_step_cost: StepCostModel | None = None
-        self.generator = torch.Generator(device).manual_seed(0)  # sampled drafts of requests without a seed
+        self.generator = torch.Generator(runner.device).manual_seed(0)  # sampled drafts of requests without a seed
 
     @classmethod
     def create(cls, config: SpeculativeConfig, runner: ModelRunner, block_manager: BlockManager
                ) -> DraftModelProposer:
-        from foreseer.models.loader import load_model_config, resolve_model
-        from foreseer.worker.model_runner import load_model
-
         int8 = config.draft_quantization == "int8"
         if config.draft_model is None:  # the target drafts for itself, over its own KV cache
             model = shared_copy(runner.model, share_caches=True)
-            return cls(config, quantize_linears_int8(model) if int8 else model, TargetKV(block_manager),
-                       runner.backend, runner.block_size, runner.device, quantized=int8).timed(runner)
-        source = resolve_model(config.draft_model)
-        draft_config = load_model_config(source)
+            return cls(config, quantize_linears_int8(model) if int8 else model, TargetKV(block_manager), runner,
+                       quantized=int8).timed()
+        draft_config = load_model_config(resolve_model(config.draft_model))
         if draft_config.vocab_size != runner.model_config.vocab_size:
             raise ValueError(f"draft model {config.draft_model!r} has a vocabulary of {draft_config.vocab_size} "
                              f"tokens, the target {runner.model_config.vocab_size}: they must share a tokenizer")
-        model = load_model(draft_config, source, runner.device, runner.dtype, runner.config.weight_format)
+        model, _ = runner.load_model(config.draft_model)
         float_model = None
         if int8:
             float_model, model = model, quantize_linears_int8(shared_copy(model))
         kv = OwnKV([m for m in (model, float_model) if m is not None], runner.backend, runner.num_blocks,
                    runner.block_size, runner.device, runner.dtype)
-        return cls(config, model, kv, runner.backend, runner.block_size, runner.device, float_model,
-                   quantized=int8).timed(runner)
+        return cls(config, model, kv, runner, float_model, quantized=int8).timed()
 
-    def timed(self, runner: ModelRunner) -> DraftModelProposer:
+    def timed(self) -> DraftModelProposer:
         """Time the draft model's steps, which the engine weighs against what its drafts save. The timing writes
         into the draft's KV cache, which may be the target's: only an idle engine's cache may be reused after."""
-        from foreseer.worker.model_runner import measure_step_costs
-
-        self.draft_step_cost = measure_step_costs(self.model, runner.backend, runner.block_size, runner.num_blocks,
-                                                  runner.device, [1, 2, 4, 8, 16, 32], compute_logits=self.logits)
+        self.draft_step_cost = self.runner.measure_step_costs([1, 2, 4, 8, 16, 32], self.model, self.logits)
         return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -237,8 +223,6 @@ class DraftModelProposer(DraftProposer):
     # -- drafting -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_lengths: list[int], hidden_states=None) -> list[DraftTree]:
-        from foreseer.worker.model_runner import runs_as_decode_rows
-
         self.kv.forget_finished()
         trees = [DraftTree() for _ in requests]
         going: list[int] = []  # requests still drafting, in the order of `segments`
@@ -277,8 +261,6 @@ class DraftModelProposer(DraftProposer):
         Greedy requests take the argmax (no distribution). Sampled ones draw from the draft's distribution
         under their own sampling parameters, which speculative sampling needs to accept more than a
         deterministic draft would get."""
-        from foreseer.worker.sampler import Sampler
-
         confidence, tokens = logits.softmax(dim=-1).max(dim=-1)
         choices: list[tuple[int, float, torch.Tensor | None]] = list(zip(tokens.tolist(), confidence.tolist(),
                                                                          [None] * len(requests)))
@@ -311,12 +293,7 @@ class DraftModelProposer(DraftProposer):
         return logits[order]
 
     def _forward(self, model: nn.Module, segments, logits) -> torch.Tensor:
-        from foreseer.worker.model_runner import prepare_batch
-
-        batch = prepare_batch(segments, self.block_size, self.device, CATCH_UP_DECODE_ROWS)
-        with forward_context(self.backend, batch.metadata):
-            hidden = model(batch.input_ids, batch.positions)
-        return logits(hidden[torch.tensor(batch.sample_index, device=self.device)])
+        return logits(self.runner.forward_segments(model, segments, CATCH_UP_DECODE_ROWS))
 
     def catch_up_tokens(self, request: Request) -> int:
         return self.kv.catch_up_tokens(request)
@@ -346,8 +323,7 @@ class LayerSkipProposer(DraftModelProposer):
         keep = [i for i in range(num_layers) if i not in set(skip)]
         # Each kept layer reads and writes the target's cache of the same layer.
         model = shared_copy(runner.model, keep, share_caches=True)
-        return cls(config, model, TargetKV(block_manager), runner.backend, runner.block_size,
-                   runner.device).timed(runner)
+        return cls(config, model, TargetKV(block_manager), runner).timed()
 
 
 def layer_skip_path(model_name: str) -> str:

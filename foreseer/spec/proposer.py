@@ -9,7 +9,7 @@ import torch
 
 from foreseer.config import SpeculativeConfig
 from foreseer.core.draft_tree import DraftTree
-from foreseer.spec.cost_model import StepCostModel
+from foreseer.worker.profiling import StepCostModel
 
 if TYPE_CHECKING:  # the request module imports the draft tree from this package
     from foreseer.core.block_manager import BlockManager

@@ -6,31 +6,26 @@ import contextlib
 import ctypes
 import gc
 import logging
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from foreseer.attention import AttentionBackend, AttentionMetadata, PrefillSegment, forward_context, get_backend
+from foreseer.attention import forward_context, get_backend
 from foreseer.config import EngineConfig
-from foreseer.core.draft_tree import DraftTree
 from foreseer.core.output import ModelRunnerOutput, SchedulerOutput
 from foreseer.core.request import Request
 from foreseer.layers.quantized_linear import choose_dataflows, load_kernels
 from foreseer.lora.context import lora_context
 from foreseer.lora.manager import LoRAManager
 from foreseer.models.config import ModelConfig
-from foreseer.models.loader import ModelSource, iter_weights
+from foreseer.models.loader import ModelSource, iter_weights, load_model_config, resolve_model
 from foreseer.models.registry import build_model
-from foreseer.spec.cost_model import StepCostModel
+from foreseer.worker.inputs import Segment, prepare_batch, runs_as_decode_rows
+from foreseer.worker.profiling import StepCostModel, measure_step_costs
 from foreseer.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
-
-LONG_CONTEXT, LONG_CONTEXT_ROWS = 512, 8  # the long-context step that prices attention per cached token
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -72,9 +67,7 @@ class ModelRunner:
         )
         for layer, cache in zip(self.model.attention_layers(), caches):
             layer.kv_cache = cache
-        self.lora = None
-        if config.lora.enable_lora:  # unified memory: an adapter's pages are KV blocks
-            self.lora = LoRAManager(config.lora, self.model, self.device, self.dtype, self.kv_bytes_per_block())
+        self.lora: LoRAManager | None = None  # the engine's, when it serves adapters: each step's adapter batch
         self.sampler = Sampler(config.seed)
         self.num_computed_tokens_total = 0  # tokens run through the model so far (prefill and decode)
         self.return_hidden_states = False  # set when a draft proposer reads the target's hidden states
@@ -154,9 +147,31 @@ class ModelRunner:
             for layer in self.model.attention_layers():
                 self.backend.move_kv(layer.kv_cache, self._tensor(src), self._tensor(dst))
 
-    def measure_step_costs(self, token_counts: Sequence[int]) -> StepCostModel:
-        return measure_step_costs(self.model, self.backend, self.block_size, self.num_blocks, self.device,
-                                  token_counts)
+    def use_lora(self, manager: LoRAManager) -> None:
+        """Run each step with the adapters `manager` holds in its device slots (the engine owns it)."""
+        self.lora = manager
+
+    def load_model(self, model: str) -> tuple[nn.Module, ModelConfig]:
+        """Another model (a draft) on this runner's device, in its dtype and weight format; without a KV cache."""
+        source = resolve_model(model)
+        model_config = load_model_config(source)
+        return load_model(model_config, source, self.device, self.dtype, self.config.weight_format), model_config
+
+    @torch.inference_mode()
+    def forward_segments(self, model: nn.Module, segments: Sequence[Segment], max_decode_run: int = 1
+                         ) -> torch.Tensor:
+        """Run `model` (the target, or a draft over its own or the target's cache) over the segments, outside any
+        scheduled step; returns the final hidden states of the rows each segment samples from, in order."""
+        batch = prepare_batch(segments, self.block_size, self.device, max_decode_run)
+        with forward_context(self.backend, batch.metadata):
+            hidden = model(batch.input_ids, batch.positions)
+        return hidden[torch.tensor(batch.sample_index, device=self.device)]
+
+    def measure_step_costs(self, token_counts: Sequence[int], model: nn.Module | None = None,
+                           compute_logits: Callable | None = None) -> StepCostModel:
+        """Time decode steps of `model` (default: the target) over this runner's KV cache: see profiling.py."""
+        return measure_step_costs(model or self.model, self.backend, self.block_size, self.num_blocks, self.device,
+                                  token_counts, compute_logits=compute_logits)
 
 
 def load_model(model_config: ModelConfig, source: ModelSource, device: torch.device, dtype: torch.dtype,
@@ -213,150 +228,7 @@ def _parameters_on_meta():
             cls.reset_parameters = initializer
 
 
-@dataclass
-class Segment:
-    """Tokens of one request to compute in a step: real tokens, then the nodes of a draft tree to verify."""
-
-    token_ids: list[int]  # the real tokens, starting at position `start`
-    start: int  # tokens already in the KV cache
-    block_table: list[int]
-    draft: DraftTree = field(default_factory=DraftTree)
-    samples: bool = True  # whether logits are wanted (at the last real token and at each draft node)
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    metadata: AttentionMetadata
-    sample_index: list[int]  # rows to take logits from, segment by segment
-    sample_slots: list[list[int]]  # per sampling segment: cache slots of its last real token and its draft nodes
-
-
-def prepare_batch(segments: Sequence[Segment], block_size: int, device: torch.device,
-                  max_decode_run: int = 1) -> Batch:
-    """Flatten segments (decodes first, for the backend's batched decode path) into model inputs.
-
-    A segment of at most `max_decode_run` new tokens over cached context, followed by a chain of drafts or none,
-    runs as decode rows. The target keeps 1: its prompt chunks then always take the prefill kernels, as the
-    reference does. A draft model, whose numbers need not match anything, runs its catch-ups as decode rows."""
-    input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    decode_tables: list[list[int]] = []
-    decode_lens: list[int] = []
-    prefills: list[PrefillSegment] = []
-    sample_index: list[int] = []
-    sample_slots: list[list[int]] = []
-    for seg in segments:
-        start, draft, table = seg.start, seg.draft, seg.block_table
-        num_real = len(seg.token_ids)
-        n = num_real + len(draft)
-        query_start = len(input_ids)
-        input_ids.extend(seg.token_ids + draft.token_ids)
-        # Draft tokens sit at their depth after the last real token; their slots follow it in node order.
-        positions.extend(range(start, start + num_real))
-        positions.extend(start + num_real - 1 + depth for depth in draft.depths())
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
-        if runs_as_decode_rows(num_real, draft, start, max_decode_run):
-            if prefills:
-                raise ValueError("decode segments must come before prefill chunks and trees")
-            # A chain's token j sees the cache up to itself: a decode row of its own, all on one block table.
-            decode_tables.extend([table] * n)
-            decode_lens.extend(range(start + 1, start + n + 1))
-        else:  # a prefill chunk, or a token tree to verify, over the cached context
-            tree_mask = None if draft.is_chain else draft.attention_mask(device)
-            prefills.append(PrefillSegment(query_start, n, start, torch.tensor(table, device=device), tree_mask))
-        if seg.samples:
-            # Logits at the last real token and at each draft: the distributions that verify the drafts.
-            sample_index.extend(range(len(input_ids) - len(draft) - 1, len(input_ids)))
-            sample_slots.append(slots[-len(draft) - 1:])
-
-    def tensor(data: list) -> torch.Tensor:
-        return torch.tensor(data, dtype=torch.int64, device=device)
-
-    max_blocks = max((len(t) for t in decode_tables), default=0)
-    metadata = AttentionMetadata(
-        slot_mapping=tensor(slots),
-        num_decode_tokens=len(decode_tables),
-        decode_block_tables=tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables]),
-        decode_seq_lens=tensor(decode_lens),
-        max_decode_seq_len=max(decode_lens, default=0),
-        prefills=prefills,
-        block_size=block_size,
-    )
-    return Batch(tensor(input_ids), tensor(positions), metadata, sample_index, sample_slots)
-
-
 def _lora_id(request: Request) -> int:
     return 0 if request.lora_request is None else request.lora_request.lora_int_id
 
 
-def runs_as_decode_rows(num_real: int, draft: DraftTree, start: int = 1, max_run: int = 1) -> bool:
-    """Whether a segment runs as decode rows: one new token (up to `max_run` over cached context), with or without
-    a chain of drafts after it."""
-    return (num_real == 1 or (start > 0 and num_real <= max_run)) and draft.is_chain
-
-
-@torch.inference_mode()
-def measure_step_costs(
-    model: nn.Module, backend: AttentionBackend, block_size: int, num_blocks: int, device: torch.device,
-    token_counts: Sequence[int], repeats: int = 5, compute_logits: Callable | None = None,
-) -> StepCostModel:
-    """Time a step of n one-token decodes (forward and logits) for each n, on a cache nobody uses yet, and
-    the same decodes of LONG_CONTEXT_ROWS rows over a long context, for attention's cost per cached token.
-
-    The steps are timed in turns, `repeats` rounds after a warm-up round (kernel loading, allocations), and
-    each keeps its fastest time: on a shared machine a burst of load then slows one round, not one step.
-    """
-    compute_logits = compute_logits or model.compute_logits
-    counts = [n for n in token_counts if -(-n // block_size) <= num_blocks]
-    rows = min(LONG_CONTEXT_ROWS, counts[-1])
-    context = min(LONG_CONTEXT, num_blocks // rows * block_size)
-    steps = {n: _decode_metadata(n, 1, block_size, device) for n in counts}
-    if context > 4 * block_size:
-        for k_cache, v_cache in (layer.kv_cache for layer in model.attention_layers()):
-            # Zeros, not whatever the fresh memory holds: denormals would slow the timing down.
-            k_cache[:rows * context // block_size].zero_()
-            v_cache[:rows * context // block_size].zero_()
-        steps["long"] = _decode_metadata(rows, context, block_size, device)
-    best = dict.fromkeys(steps, float("inf"))
-    for round_index in range(repeats + 1):
-        for key, metadata in steps.items():
-            begin = time.perf_counter()
-            with forward_context(backend, metadata):
-                hidden = model(torch.zeros_like(metadata.decode_seq_lens), metadata.decode_seq_lens - 1)
-            compute_logits(hidden)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if round_index:
-                best[key] = min(best[key], time.perf_counter() - begin)
-    seconds = [best[n] for n in counts]
-    cost = StepCostModel(counts, seconds)
-    if "long" in best:
-        short_context = sum(min(i, block_size - 1) + 1 for i in range(rows))  # what the short steps read
-        extra = best["long"] - cost.cost(rows)
-        cost.seconds_per_context_token = max(extra, 0.0) / (rows * context - short_context)
-    logger.info("step cost: %s; %.2f us per context token", ", ".join(
-        f"{n} tok {t * 1e3:.1f} ms" for n, t in zip(counts, seconds)), cost.seconds_per_context_token * 1e6)
-    return cost
-
-
-def _decode_metadata(num_rows: int, context: int, block_size: int, device: torch.device) -> AttentionMetadata:
-    """Decode rows for timing: with context 1, row i is the i-th slot of the cache with i % block_size tokens
-    before it; else each row has `context` tokens in its own run of blocks."""
-    if context == 1:
-        slots = torch.arange(num_rows, device=device)
-        return AttentionMetadata(
-            slot_mapping=slots, num_decode_tokens=num_rows, decode_block_tables=(slots // block_size)[:, None],
-            decode_seq_lens=slots % block_size + 1, max_decode_seq_len=min(num_rows, block_size), prefills=[],
-            block_size=block_size,
-        )
-    blocks_per_row = context // block_size
-    tables = torch.arange(num_rows * blocks_per_row, device=device).view(num_rows, blocks_per_row)
-    return AttentionMetadata(
-        slot_mapping=tables[:, -1] * block_size + block_size - 1, num_decode_tokens=num_rows,
-        decode_block_tables=tables, decode_seq_lens=torch.full((num_rows,), blocks_per_row * block_size,
-                                                               device=device),
-        max_decode_seq_len=blocks_per_row * block_size, prefills=[], block_size=block_size,
-    )

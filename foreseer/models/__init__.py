@@ -1,0 +1,1 @@
+"""Model architectures (built from a ModelConfig), their configs, and the checkpoint loader."""
