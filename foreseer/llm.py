@@ -72,7 +72,7 @@ class LLM:
                 reserved = 0
                 if lora is not None:
                     self.engine.load_lora(lora)
-                    reserved = self.engine.runner.lora.pages(lora.lora_int_id)  # unified memory: its KV pages
+                    reserved = self.engine.lora.pages(lora.lora_int_id)  # unified memory: its KV pages
                 max_tokens = self.engine.check_lengths(len(token_ids), params, reserved)
             except ValueError as error:
                 logger.warning("request %s rejected: %s", request_id, error)

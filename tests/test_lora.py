@@ -202,7 +202,7 @@ def test_triton_kernels_in_the_engine(tiny_llama, adapters, monkeypatch):
     """The model's projections through the kernels (the GPU path; interpreted here): still exact."""
     _triton_ops(monkeypatch)
     llm = LLM(tiny_llama, kv_cache_gib=0.01, block_size=4, max_num_batched_tokens=24, enable_lora=True)
-    llm.engine.runner.lora.backend = TritonLoRABackend()
+    llm.engine.lora.backend = TritonLoRABackend()
     prompts = random_prompts(llm.engine.model_config.vocab_size, [7, 19, 4], seed=5)
     loras = [adapters["x"], adapters["z"], None]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -280,7 +280,7 @@ def test_bin_checkpoint_loads_like_safetensors(adapters, lora_llm, tmp_path):
 
 def test_idle_adapters_are_evicted_least_recently_used_first(tiny_llama, adapters):
     llm = LLM(tiny_llama, kv_cache_gib=0.01, enable_lora=True, max_loras=2)
-    manager = llm.engine.runner.lora
+    manager = llm.engine.lora
     x, y, z = adapters["x"], adapters["y"], adapters["z"]
     llm.engine.add_request("busy", [5, 6, 7], PARAMS, lora_request=x)  # X is in use until it finishes
     manager.load(y)

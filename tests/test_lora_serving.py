@@ -64,7 +64,7 @@ def _ids(*loras: LoRARequest) -> list[int]:
 
 def test_lru_at_host_and_device_tiers(tiny_llama, adapters):
     llm = LLM(tiny_llama, **TINY, enable_lora=True, max_loras=2, max_cpu_loras=3)
-    manager = llm.engine.runner.lora
+    manager = llm.engine.lora
     a, b, c, d = (adapters[n] for n in "abcd")
     for lora in (a, b, c):
         manager.load_to_host(lora)  # host only: no slot taken
@@ -107,7 +107,7 @@ def test_lru_at_host_and_device_tiers(tiny_llama, adapters):
 
 def test_waiting_requests_adapters_are_prefetched(tiny_llama, adapters, reference):
     llm = LLM(tiny_llama, **TINY, enable_lora=True, max_loras=1, max_cpu_loras=2, max_num_seqs=1)
-    engine, manager = llm.engine, llm.engine.runner.lora
+    engine, manager = llm.engine, llm.engine.lora
     a, b, c, d = (adapters[n] for n in "abcd")
     for lora in (a, b, c, d):
         manager.load_to_host(lora)  # read once (checked); A and B are evicted from the host cache again
@@ -245,7 +245,7 @@ def test_longest_waiting_adapter_gets_the_next_slot(tiny_llama, adapters):
 def test_unified_memory_shares_the_kv_pool(tiny_llama, adapters):
     kv_bytes = 2 * 2 * 16 * 2 * 16 * 4  # K and V, 2 layers, 16 tokens a block, 2 KV heads of 16, float32
     llm = LLM(tiny_llama, kv_cache_gib=32 * kv_bytes / 2**30, enable_lora=True, max_loras=2, lora_memory="unified")
-    engine, manager, blocks = llm.engine, llm.engine.runner.lora, llm.engine.block_manager
+    engine, manager, blocks = llm.engine, llm.engine.lora, llm.engine.block_manager
     assert (blocks.num_blocks, engine.runner.kv_bytes_per_block()) == (32, kv_bytes)  # 512 tokens: the context
     a, c = adapters["a"], adapters["c"]
     pages = {n: -(-manager.load_to_host(adapters[n]).num_bytes // kv_bytes) for n in "ac"}
@@ -277,7 +277,7 @@ def test_unified_memory_shares_the_kv_pool(tiny_llama, adapters):
 
 def test_adapter_gone_from_disk_fails_its_requests_only(tiny_llama, adapters, reference, tmp_path):
     llm = LLM(tiny_llama, **TINY, enable_lora=True, max_loras=1, max_cpu_loras=1)
-    engine, manager = llm.engine, llm.engine.runner.lora
+    engine, manager = llm.engine, llm.engine.lora
     path = shutil.copytree(adapters["a"].lora_path, tmp_path / "doomed")
     doomed = LoRARequest("doomed", 50, str(path))
     manager.load_to_host(doomed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,13 @@ class RequestStatus(Enum):
     FINISHED = "finished"
 
 
+@dataclass
+class SequenceGroup:
+    """What the n sequences of one parent request share: the answer length predicted for its prompt."""
+
+    predicted_length: int | None = None
+
+
 class Request:
     """One sequence. A parent request with n > 1 becomes n of these, sharing the prompt's cached blocks."""
 
@@ -36,6 +44,7 @@ class Request:
         arrival_time: float | None = None,
         priority: int = 0,
         seed: int | None = None,
+        group: SequenceGroup | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -48,7 +57,7 @@ class Request:
         self.status = RequestStatus.WAITING
         # When it last joined the waiting queue (arrival, or its last preemption): aging policies measure from it.
         self.queued_time = self.metrics.arrival_time
-        self.predicted_length: int | None = None  # of the answer, where the engine predicts it (length probe)
+        self.group = group or SequenceGroup()
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         # Blocks held; a PREEMPTED request that still holds some is paused and resumes without recompute.
         self.block_table: list[int] = []
@@ -64,6 +73,15 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.draft = DraftTree()  # speculative tokens to verify in the next step
+
+    @property
+    def predicted_length(self) -> int | None:
+        """Of the answer, where the engine predicts it (length probe): one prediction for the whole group."""
+        return self.group.predicted_length
+
+    @predicted_length.setter
+    def predicted_length(self, length: int | None) -> None:
+        self.group.predicted_length = length
 
     @property
     def num_tokens(self) -> int:

@@ -7,22 +7,21 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-import torch
-
 from foreseer.config import EngineConfig
 from foreseer.core.block_manager import BlockManager
 from foreseer.core.policies import get_policy
-from foreseer.core.request import Request
+from foreseer.core.request import Request, SequenceGroup
 from foreseer.core.scheduler import Scheduler
+from foreseer.core.step_hook import StepHook
 from foreseer.engine.detokenizer import IncrementalDetokenizer
-from foreseer.lengths.probe import ProbeHead, default_probe_dir
+from foreseer.lengths.hook import LengthProbeHook
+from foreseer.lengths.probe import default_probe_dir
 from foreseer.lora.adapter import LoRAAdapter
 from foreseer.lora.admission import LoRAAdmission
 from foreseer.lora.manager import LoRAManager, LoRAStats
 from foreseer.lora.request import LoRARequest
 from foreseer.models.loader import load_model_config, load_tokenizer, resolve_model
 from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpeculationFigures
-from foreseer.registry import DRAFT_PROPOSERS
 from foreseer.sampling_params import SamplingParams
 from foreseer.spec.speculator import Speculator
 from foreseer.worker.model_runner import ModelRunner
@@ -43,9 +42,12 @@ class _ParentRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     sequences: list[_Sequence]
-    predicted_length: int | None = None
     lora_request: LoRARequest | None = None
     error: str | None = None  # why the scheduler gave up on it (e.g. its adapter could no longer be read)
+
+    @property
+    def predicted_length(self) -> int | None:
+        return self.sequences[0].request.predicted_length
 
     def output(self) -> RequestOutput:
         requests = [s.request for s in self.sequences]
@@ -94,32 +96,29 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.runner = ModelRunner(config, self.model_config, self.source)
+        self.lora: LoRAManager | None = None
+        if config.lora.enable_lora:  # unified memory: an adapter's pages are KV blocks
+            runner = self.runner
+            self.lora = LoRAManager(config.lora, runner.model, runner.device, runner.dtype, runner.kv_bytes_per_block())
+            runner.use_lora(self.lora)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         gate = None
-        if self.runner.lora is not None:  # LoRA adapters: admission within the device slots
-            self.runner.lora.bind_block_manager(self.block_manager)
-            gate = LoRAAdmission(self.runner.lora, config.scheduler.max_wait_s)
+        if self.lora is not None:  # LoRA adapters: admission within the device slots
+            self.lora.bind_block_manager(self.block_manager)
+            gate = LoRAAdmission(self.lora, config.scheduler.max_wait_s)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.policy, gate=gate)
-        self.speculator = self._make_speculator()
-        self.length_probe = None
-        if probe_dir is not None:
-            self.length_probe = ProbeHead.load(probe_dir, self.model_config.hidden_size).to(self.runner.device)
-        # Both draw on hidden states the model computes anyway: Medusa heads, and the length probe at prefill's end.
-        self.runner.return_hidden_states = self.length_probe is not None or (
-            self.speculator is not None and self.speculator.proposer.needs_hidden_states)
+        spec = config.speculative_config
+        self.speculator = None if spec is None else Speculator.create(
+            spec, self.runner, self.block_manager, config.scheduler.max_num_batched_tokens)
+        probe = None if probe_dir is None else LengthProbeHook.load(
+            probe_dir, self.model_config.hidden_size, self.runner.device)
+        self.hooks: list[StepHook] = [hook for hook in (self.speculator, probe) if hook is not None]
+        # Hooks may draw on hidden states the model computes anyway (Medusa heads, the length probe).
+        self.runner.return_hidden_states = any(hook.needs_hidden_states for hook in self.hooks)
         self.parents: dict[str, _ParentRequest] = {}
         self._sequences: dict[str, tuple[_ParentRequest, _Sequence]] = {}  # child request id -> its place
-
-    def _make_speculator(self) -> Speculator | None:
-        spec = self.config.speculative_config
-        if spec is None:
-            return None
-        budget = self.config.scheduler.max_num_batched_tokens
-        counts = sorted({min(n, budget) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)})
-        proposer = DRAFT_PROPOSERS[spec.method].create(spec, self.runner, self.block_manager)
-        return Speculator(spec, proposer, self.runner.measure_step_costs(counts))
 
     def _length_probe_dir(self) -> str | None:
         """The probe head's directory: the one asked for, else the shipped one if the policy needs predictions."""
@@ -159,12 +158,13 @@ class LLMEngine:
         pages = 0 if lora_request is None else self._lora_manager(lora_request).validate(lora_request)
         max_tokens = self.check_lengths(len(token_ids), params, reserved_blocks=pages)
         if lora_request is not None:  # last: a request refused before holds no adapter
-            self.runner.lora.add_user(lora_request)
+            self.lora.add_user(lora_request)
         sequences = []
+        group = SequenceGroup()
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             request = Request(f"{request_id}#{i}", token_ids, params, max_tokens, self.eos_token_ids,
-                              arrival_time, priority, seed)
+                              arrival_time, priority, seed, group)
             request.lora_request = lora_request
             request.cache_salt = None if lora_request is None else lora_request.cache_salt
             detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
@@ -190,22 +190,22 @@ class LLMEngine:
     def unload_lora(self, lora_int_id: int) -> bool:
         """Forget an adapter in every tier; False if it was not loaded. LoRAInUseError while unfinished requests
         use it (they keep it: finish or abort them first)."""
-        if self.runner.lora is None:
+        if self.lora is None:
             raise ValueError("LoRA is not enabled: the engine was started without enable_lora=True")
-        return self.runner.lora.unload(lora_int_id)
+        return self.lora.unload(lora_int_id)
 
     def lora_stats(self) -> LoRAStats | None:
-        return None if self.runner.lora is None else self.runner.lora.stats()
+        return None if self.lora is None else self.lora.stats()
 
     def _lora_manager(self, lora_request: LoRARequest) -> LoRAManager:
-        if self.runner.lora is None:
+        if self.lora is None:
             raise ValueError(f"LoRA adapter {lora_request.lora_name!r} requested, but the engine was started without "
                              "enable_lora=True")
-        return self.runner.lora
+        return self.lora
 
     def _release_lora(self, parent: _ParentRequest) -> None:
         if parent.lora_request is not None:
-            self.runner.lora.release(parent.lora_request.lora_int_id)
+            self.lora.release(parent.lora_request.lora_int_id)
 
     def check_lengths(self, num_prompt_tokens: int, params: SamplingParams, reserved_blocks: int = 0) -> int:
         """The request's max_tokens resolved against the context; ValueError if it cannot fit. `reserved_blocks`:
@@ -249,10 +249,8 @@ class LLMEngine:
     # -- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns the outputs of requests that advanced."""
-        started = time.perf_counter()
-        if self.speculator is not None:
-            self.speculator.propose(*self.scheduler.speculation_candidates())
-        proposed = time.perf_counter()
+        for hook in self.hooks:
+            hook.before_schedule(self.scheduler)
         sched = self.scheduler.schedule()
         touched = self._take_failed()
         if sched.is_empty:
@@ -261,17 +259,14 @@ class LLMEngine:
             return self._outputs(touched.values())
         executing = time.perf_counter()
         result = self.runner.execute(sched)
-        if self.speculator is not None:  # what drafting and the step really cost, for the next choices
-            self.speculator.observe_step(sched.scheduled, proposed - started, time.perf_counter() - executing)
-        if result.hidden_states:
-            if self.speculator is not None and self.speculator.proposer.needs_hidden_states:
-                self.speculator.observe(result.hidden_states)
-            if self.length_probe is not None:
-                self._predict_lengths(result.hidden_states)
-        for update in self.scheduler.update_from_output(sched, result):
+        execute_seconds = time.perf_counter() - executing
+        for hook in self.hooks:
+            hook.after_execute(sched, result, execute_seconds)
+        updates = self.scheduler.update_from_output(sched, result)
+        for hook in self.hooks:
+            hook.after_update(updates)
+        for update in updates:
             request = update.request
-            if update.num_drafted:
-                self.speculator.record(request, update.num_drafted, update.draft_depth, update.num_accepted)
             parent, seq = self._sequences[request.request_id]
             self._detokenize(request, seq, update.new_token_ids)
             touched[parent.request_id] = parent
@@ -299,25 +294,6 @@ class LLMEngine:
                 self._release_lora(parent)
             outputs.append(output)
         return outputs
-
-    def _predict_lengths(self, hidden_states: dict[str, torch.Tensor]) -> None:
-        """A request's first hidden state comes from the end of its prefill: the probe reads it once."""
-        parents = {}
-        for request_id, hidden in hidden_states.items():
-            parent, _ = self._sequences[request_id]
-            if parent.predicted_length is None:
-                parents[parent.request_id] = (parent, hidden)
-        if parents:
-            states = torch.stack([hidden for _, hidden in parents.values()])
-            lengths = torch.tensor([len(p.prompt_token_ids) for p, _ in parents.values()], device=states.device)
-            for (parent, _), length in zip(parents.values(), self.length_probe.predict(states, lengths)):
-                self._set_predicted_length(parent, length)
-
-    @staticmethod
-    def _set_predicted_length(parent: _ParentRequest, length: int) -> None:
-        parent.predicted_length = length
-        for seq in parent.sequences:
-            seq.request.predicted_length = length
 
     def _detokenize(self, request: Request, seq: _Sequence, new_token_ids: list[int]) -> None:
         for i, token in enumerate(new_token_ids):

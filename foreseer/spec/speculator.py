@@ -8,23 +8,35 @@ has verified them; `record` updates the per-request and per-engine figures that 
 from __future__ import annotations
 
 import math
+import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from foreseer.config import SpeculativeConfig
 from foreseer.core.draft_tree import DraftTree
-from foreseer.core.output import ScheduledRequest
+from foreseer.core.output import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
 from foreseer.core.request import Request
+from foreseer.core.step_hook import StepHook
 from foreseer.outputs import SpeculationFigures
-from foreseer.spec.cost_model import Calibration, StepCostModel, StepScales, choose_draft_depth, choose_draft_nodes
+from foreseer.registry import DRAFT_PROPOSERS
+from foreseer.spec.cost_model import Calibration, StepScales, choose_draft_depth, choose_draft_nodes
 from foreseer.spec.proposer import DraftProposer
+from foreseer.worker.profiling import StepCostModel
+
+if TYPE_CHECKING:
+    from foreseer.core.block_manager import BlockManager
+    from foreseer.core.scheduler import Scheduler
+    from foreseer.worker.model_runner import ModelRunner
 
 CATCH_UP_HORIZON = 512  # tokens ahead over which a draft model's catch-up may pay for itself
 PRIOR_WEIGHT = 4.0  # how many observed tokens a request's own acceptance needs to outweigh the engine's
 EVIDENCE_MEMORY = 0.9  # the share of a request's own acceptance evidence that carries over to its next step
 
 
-class Speculator:
+class Speculator(StepHook):
+    """Speculative decoding as the engine's step hook: drafts before each step, learns from each verification."""
+
     def __init__(self, config: SpeculativeConfig, proposer: DraftProposer, cost: StepCostModel) -> None:
         self.config = config
         self.proposer = proposer
@@ -41,6 +53,36 @@ class Speculator:
         self.unpriced_drafting = Calibration()
         self._predicted_draft_seconds: float | None = None  # the price of this step's drafting (None: no drafting)
         self._draft_levels = 0  # how deep this step's drafts go
+        self._propose_seconds = 0.0  # what this step's drafting took
+
+    @classmethod
+    def create(cls, config: SpeculativeConfig, runner: ModelRunner, block_manager: BlockManager,
+               max_num_batched_tokens: int) -> Speculator:
+        """The configured proposer over this runner, with the target's step costs measured up to the token budget."""
+        counts = sorted({min(n, max_num_batched_tokens) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)})
+        proposer = DRAFT_PROPOSERS[config.method].create(config, runner, block_manager)
+        return cls(config, proposer, runner.measure_step_costs(counts))
+
+    # -- the step hook --------------------------------------------------------------------------------
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.proposer.needs_hidden_states
+
+    def before_schedule(self, scheduler: Scheduler) -> None:
+        started = time.perf_counter()
+        self.propose(*scheduler.speculation_candidates())
+        self._propose_seconds = time.perf_counter() - started
+
+    def after_execute(self, sched: SchedulerOutput, output: ModelRunnerOutput, execute_seconds: float) -> None:
+        # What drafting and the step really cost, for the next choices.
+        self.observe_step(sched.scheduled, self._propose_seconds, execute_seconds)
+        if output.hidden_states and self.proposer.needs_hidden_states:
+            self.observe(output.hidden_states)
+
+    def after_update(self, updates: list[RequestUpdate]) -> None:
+        for update in updates:
+            if update.num_drafted:
+                self.record(update.request, update.num_drafted, update.draft_depth, update.num_accepted)
 
     @property
     def scales(self) -> StepScales:
