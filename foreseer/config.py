@@ -11,10 +11,10 @@ WEIGHT_FORMATS = ("auto", "float32")
 
 @dataclass
 class CacheConfig:
-    block_size: int = 16
-    kv_cache_gib: float | None = None  # fixed size; overrides the fraction
-    kv_cache_memory_fraction: float = 0.2  # of the device's free memory, when no size is given
-    enable_prefix_caching: bool = True
+    block_size: int = 16  # tokens per KV cache block
+    kv_cache_gib: float | None = None  # KV cache size in GiB; overrides kv_cache_memory_fraction
+    kv_cache_memory_fraction: float = 0.2  # KV cache share of the device's free memory, when no size is given
+    enable_prefix_caching: bool = True  # reuse the KV cache blocks of prompt prefixes computed before
 
     def __post_init__(self) -> None:
         _check(self.block_size >= 1, "block_size", "must be >= 1")
@@ -25,12 +25,14 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step: decodes first, then prefill chunks
-    max_num_seqs: int = 256
-    policy: str = "fcfs"  # fcfs, priority, sjf, mlfq, s3 (foreseer/core/policies.py)
+    max_num_seqs: int = 256  # sequences running at once, at most
+    # Which requests run first (foreseer/core/policies.py); sjf and s3 predict answer lengths with the length
+    # probe at the end of each prefill
+    policy: str = "fcfs"
     max_wait_s: float = 10.0  # sjf, mlfq: a request waiting longer than this goes first (aging)
-    mlfq_levels: int = 4
-    mlfq_base_quantum: int = 16  # decode iterations at the top level; each level below doubles it
-    mlfq_prefill_tokens_per_iteration: int = 64  # prompt tokens that cost one decode iteration (skip-join)
+    mlfq_levels: int = 4  # mlfq: priority levels
+    mlfq_base_quantum: int = 16  # mlfq: decode iterations at the top level; each level below doubles it
+    mlfq_prefill_tokens_per_iteration: int = 64  # mlfq skip-join: prompt tokens that cost one decode iteration
 
     def __post_init__(self) -> None:
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
@@ -105,10 +107,10 @@ class LoRAConfig:
     evicts its least recently used adapter that nothing needs (a device slot is kept while a running request
     uses it)."""
 
-    enable_lora: bool = False
+    enable_lora: bool = False  # serve LoRA adapters beside the base model
     max_lora_rank: int = 16  # adapters of a higher rank are refused
-    max_loras: int = 4  # device slots: distinct adapters in one batch
-    max_cpu_loras: int | None = None  # adapters kept loaded in host memory; default max(16, max_loras)
+    max_loras: int = 4  # device slots: distinct LoRA adapters in one batch
+    max_cpu_loras: int | None = None  # LoRA adapters kept loaded in host memory (default: max(16, max_loras))
     # "separate": adapter weights beside the KV cache; "unified": a device slot's weights take KV-block-sized
     # pages from the KV cache's pool while it is loaded (S-LoRA), and idle adapters give them back under KV pressure.
     lora_memory: str = "separate"
@@ -127,17 +129,18 @@ class LoRAConfig:
 
 @dataclass
 class EngineConfig:
-    model: str = "smollm2-135m-instruct"
+    model: str = "smollm2-135m-instruct"  # model name, GGUF file or Hugging Face model directory
     dtype: str = "auto"  # activations: auto is float32 on CPU, bfloat16 on GPU
     # Weights in memory: "auto" keeps them as the checkpoint stores them (GGUF blocks, F16, BF16), computed by
     # kernels that dequantize in registers (exact); "float32" expands them at load (the reference path).
     weight_format: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None  # default: the model's context length
+    device: str = "auto"  # a torch device; auto is cuda if there is one, else cpu
+    max_model_len: int | None = None  # tokens of prompt and answer at most (default: the model's context length)
     attention_backend: str = "auto"  # auto, cpu (C++ kernels), torch (reference)
-    seed: int = 0
+    seed: int = 0  # seed of the sampling of requests that have no seed of their own
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Speculative decoding: SpeculativeConfig's fields, e.g. {"method": "ngram", "num_speculative_tokens": 5}
     speculative_config: SpeculativeConfig | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     # Predict each request's answer length from its prefill's last hidden state: "probe" (the head shipped for

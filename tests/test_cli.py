@@ -1,5 +1,7 @@
 """The command line: generate, chat (streaming, interactive) and bench throughput, run as a user would."""
 
+import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -7,6 +9,9 @@ import sys
 import pytest
 
 from foreseer import LLM, SamplingParams
+from foreseer.cli import build_parser
+from foreseer.commands import field_comments, from_args
+from foreseer.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 
 ENGINE = ["--kv-cache-gib", "0.01"]
 
@@ -85,3 +90,78 @@ def test_bench_decode_reports_each_figure(tiny_llama, tmp_path):
     assert report["attention"][0]["context_len"] == 256 and report["attention"][0]["speedup"] > 0
     assert report["rss_mb"]["foreseer"] > 100
     assert "decode after 16 tokens" in result.stdout
+
+
+def _actions(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command path, action) of every action of the parser and of its sub-commands, recursively."""
+    for action in parser._actions:
+        yield path, action
+        if isinstance(action, argparse._SubParsersAction):
+            yield from ((path, choice) for choice in action._choices_actions)
+            for name, sub in action.choices.items():
+                yield from _actions(sub, (*path, name))
+
+
+def test_every_flag_and_command_has_help():
+    missing = [f"foreseer {' '.join(path)}: {'/'.join(action.option_strings) or action.dest}"
+               for path, action in _actions(build_parser())
+               if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert not missing, "no help text:\n" + "\n".join(missing)
+
+
+def test_engine_flags_default_to_the_config_and_keep_their_spellings():
+    args = build_parser().parse_args(["generate", "hi"])
+    engine = {f.name for f in dataclasses.fields(EngineConfig)} - {"cache", "scheduler", "lora"}
+    engine |= {f.name for c in (CacheConfig, SchedulerConfig, LoRAConfig) for f in dataclasses.fields(c)}
+    assert EngineConfig.from_kwargs(**{name: getattr(args, name) for name in engine}) == EngineConfig()
+    args = build_parser().parse_args([
+        "generate", "hi", "--scheduling-policy", "sjf", "--no-prefix-caching", "--enable-lora", "--max-cpu-loras", "20",
+        "--lora-memory", "unified", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
+        "--kv-cache-gib", "0.5", "--max-num-seqs", "8", "--block-size", "32", "--weight-format", "float32",
+        "--mlfq-levels", "3", "--max-wait-s", "2", "--seed", "7", "--length-predictor", "probe"])
+    config = EngineConfig.from_kwargs(**{name: getattr(args, name) for name in engine})
+    assert (config.scheduler.policy, config.scheduler.max_num_seqs, config.scheduler.mlfq_levels,
+            config.scheduler.max_wait_s) == ("sjf", 8, 3, 2.0)
+    assert (config.cache.enable_prefix_caching, config.cache.kv_cache_gib, config.cache.block_size) == (False, 0.5, 32)
+    assert (config.lora.enable_lora, config.lora.max_cpu_loras, config.lora.lora_memory) == (True, 20, "unified")
+    assert config.speculative_config.num_speculative_tokens == 3
+    assert (config.weight_format, config.seed, config.length_predictor) == ("float32", 7, "probe")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "hi", "--scheduling-policy", "no-such-policy"])
+
+
+def test_bench_flags_fill_their_arguments_dataclass():
+    from foreseer.bench.decode import DecodeBenchArgs
+    from foreseer.bench.lora import LoRABenchArgs
+
+    args = build_parser().parse_args(["bench", "decode", "--contexts", "16", "40", "--no-llamacpp"])
+    assert from_args(DecodeBenchArgs, args) == DecodeBenchArgs(contexts=(16, 40), llamacpp=False)
+    args = build_parser().parse_args(["bench", "lora", "--popularity", "zipf", "--dataset", "d.json"])
+    assert from_args(LoRABenchArgs, args) == LoRABenchArgs(dataset="d.json", popularities=["zipf"])
+    assert (args.max_lora_rank, args.max_loras) == (64, 8)  # the benchmark's engine defaults
+
+
+def test_field_comments_above_and_beside_a_field():
+    @dataclasses.dataclass
+    class Options:
+        plain: int = 0
+        beside: int = 1  # the comment beside
+        # the comment above,
+        # on two lines
+        above: str = "x"
+
+    assert field_comments(Options) == {"beside": "the comment beside", "above": "the comment above, on two lines"}
+
+
+def test_commands_import_only_when_run():
+    """`foreseer.cli` imports no benchmark or training module until a command needs it, and then only its own."""
+    code = ("import sys; import foreseer.cli as cli; loaded = lambda: sorted(m for m in sys.modules if "
+            "m.startswith(('foreseer.bench', 'foreseer.training'))); print(loaded()); "
+            "cli.build_parser(['generate', 'hi']); print(loaded()); "
+            "cli.build_parser(['bench', 'decode']); print(loaded())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    first, after_generate, after_decode = (eval(line) for line in result.stdout.splitlines())
+    assert first == after_generate == []
+    assert "foreseer.bench.decode" in after_decode
+    assert not [m for m in after_decode if m.startswith("foreseer.training")]

@@ -37,13 +37,13 @@ from foreseer.sampling_params import SamplingParams
 
 @dataclass
 class DecodeBenchArgs:
-    model: str = "smollm2-135m-instruct"
-    contexts: tuple[int, ...] = (128, 2048)
-    new_tokens: int = 128
-    repeats: int = 3
-    attention_contexts: tuple[int, ...] = (4096, 8192)
+    model: str = "smollm2-135m-instruct"  # model name, GGUF file or HF directory
+    contexts: tuple[int, ...] = (128, 2048)  # prompt lengths to decode after
+    new_tokens: int = 128  # tokens decoded after each prompt
+    repeats: int = 3  # runs of each engine, in turns; the fastest is kept
+    attention_contexts: tuple[int, ...] = (4096, 8192)  # context lengths of the split-KV attention timing
     llamacpp: bool = True  # also run llama.cpp (needs the `bench` extra)
-    output_json: str | None = None
+    output_json: str | None = None  # write the report to this JSON file
 
 
 def _prompt(llm: LLM, count: int) -> list[int]:

@@ -61,24 +61,26 @@ LLMFactory = Callable[[bool], LLM]
 
 @dataclass
 class LoRABenchArgs:
-    dataset: str
+    dataset: str  # ShareGPT-format JSON file of the prompts
+    # Adapters the requests are spread over, one cell each
     num_adapters: list[int] = field(default_factory=lambda: [1, 8, 64, 512])
-    popularities: list[str] = field(default_factory=lambda: list(POPULARITIES))
-    zipf_alpha: float = 1.0
-    num_prompts: int = 128
-    skip_prompts: int = 0
-    max_prompt_tokens: int = 256
-    max_tokens: int = 64
+    popularities: list[str] = field(default_factory=lambda: list(POPULARITIES))  # how requests pick their adapter
+    zipf_alpha: float = 1.0  # zipf: adapter k drawn with weight 1/(k+1)^alpha
+    num_prompts: int = 128  # prompts taken after the skipped ones
+    skip_prompts: int = 0  # start at this prompt
+    max_prompt_tokens: int = 256  # longer questions are shortened to fit
+    max_tokens: int = 64  # new tokens per request (EOS ignored)
     ranks: list[int] = field(default_factory=lambda: [8, 16, 32, 64])  # random adapters' ranks, drawn per adapter
+    # Projections the random adapters adapt
     target_modules: list[str] = field(default_factory=lambda: list(SUPPORTED_MODULES))
     shipped: bool = True  # the shipped real adapters first (the default model only)
     adapter_dir: str | None = None  # where random adapters are written (default: a temporary directory, removed)
     adapter_seed: int = 0  # random adapters' weights and ranks, and which adapter each request gets
-    naive: bool = True
+    naive: bool = True  # also run the baseline that merges one adapter at a time
     repeats: int = 1  # rounds of each cell's three ways; each way's fastest run counts
     cold_start: bool = False  # time the adapters' disk reads too (default: they are in host memory, as in S-LoRA)
-    output_json: str | None = None
-    plot: str | None = None
+    output_json: str | None = None  # write the report to this JSON file
+    plot: str | None = None  # PNG of tok/s against the number of adapters
 
 
 # -- merging an adapter into the model's (fused) projections ---------------------------------------------------
@@ -329,7 +331,7 @@ def run_lora(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest], max_t
     """All requests at once, each with its adapter, with no adapter in a device slot, and the cell's adapters in
     the host cache unless `cold_start` (nothing loaded in any tier)."""
     engine = llm.engine
-    manager = engine.runner.lora
+    manager = engine.lora
     for lora_id in list(manager.host_ids) + list(manager.loaded_ids):
         engine.unload_lora(lora_id)
     read_start = time.perf_counter()

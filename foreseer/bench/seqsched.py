@@ -43,18 +43,19 @@ DESCRIPTIONS = {
 
 @dataclass
 class SeqschedBenchArgs:
-    dataset: str
-    num_prompts: int = 512
-    skip_prompts: int = 0  # the shipped probe was trained on prompts 2000-2315
-    max_prompt_tokens: int = 512
-    max_tokens: int = 512
-    group_size: int = 256
-    bin_width: int = 50
-    predictor: str = "probe"
-    predictor_options: dict | None = None  # None: SequenceScheduling's defaults (the probe's 0.9 quantile)
-    rows: list[str] = field(default_factory=lambda: list(ROWS))
+    dataset: str  # ShareGPT-format JSON file of the prompts
+    num_prompts: int = 512  # prompts taken after the skipped ones
+    skip_prompts: int = 0  # start at this prompt (the shipped probe was trained on prompts 2000-2315)
+    max_prompt_tokens: int = 512  # longer questions are shortened to fit
+    max_tokens: int = 512  # new tokens per prompt at most
+    group_size: int = 256  # queries predicted and sorted together
+    bin_width: int = 50  # tokens of predicted length per bin
+    predictor: str = "probe"  # length predictor (probe, pia, constant)
+    # The predictor's options (default: SequenceScheduling's, for the probe {"quantile": 0.9})
+    predictor_options: dict | None = None
+    rows: list[str] = field(default_factory=lambda: list(ROWS))  # schedules to run (continuous always runs first)
     padded: bool = False  # static batches decode padding until their last member ends, as in the paper
-    output_json: str | None = None
+    output_json: str | None = None  # write the report to this JSON file
 
 
 def run(make_llm: Callable[[str], LLM], args: SeqschedBenchArgs) -> dict:

@@ -25,18 +25,18 @@ from foreseer.bench.report import write_json
 
 @dataclass
 class ServeBenchArgs:
-    base_url: str = "http://127.0.0.1:8000"
-    model: str | None = None  # None: the first model the server lists
-    dataset: str = DEFAULT_DATASET
-    num_prompts: int = 100
-    request_rate: float = math.inf  # requests per second
-    max_concurrency: int | None = None
-    max_tokens: int = 256
-    output_len_from_dataset: bool = False  # each request's max_tokens: its dataset answer's length (capped)
-    tokenizer: str = "smollm2-135m-instruct"  # counts the dataset answers' tokens
-    seed: int = 0  # of the arrival times
-    api_key: str | None = None
-    output_json: str | None = None
+    base_url: str = "http://127.0.0.1:8000"  # the server's address
+    model: str | None = None  # model name to request (default: the first model the server lists)
+    dataset: str = DEFAULT_DATASET  # ShareGPT-format JSON file of the prompts
+    num_prompts: int = 100  # requests, one per prompt
+    request_rate: float = math.inf  # requests per second, Poisson arrivals; inf sends all at once
+    max_concurrency: int | None = None  # requests in flight at most
+    max_tokens: int = 256  # new tokens per request at most
+    output_len_from_dataset: bool = False  # each request's max_tokens: its dataset answer's length, at most max_tokens
+    tokenizer: str = "smollm2-135m-instruct"  # model whose tokenizer counts the dataset answers' tokens
+    seed: int = 0  # seed of the arrival times
+    api_key: str | None = None  # sent as 'Authorization: Bearer <key>'
+    output_json: str | None = None  # write the report to this JSON file
     timeout_s: float = 600.0  # the longest wait for the next byte of a response
 
 

@@ -26,13 +26,15 @@ from foreseer.bench.serve import run as run_serve_bench
 
 @dataclass
 class PolicyBenchArgs:
+    # Bench a server started with each of these --scheduling-policy values
     policies: list[str] = field(default_factory=lambda: ["fcfs", "sjf", "mlfq", "s3"])
+    # Request rates to bench each policy at (the CLI's default: --request-rate)
     request_rates: list[float] = field(default_factory=lambda: [0.5, 1.0])
     server_args: str = ""  # engine arguments for every `foreseer serve`, e.g. "--max-num-seqs 8"
     serve: ServeBenchArgs = field(default_factory=ServeBenchArgs)  # prompts, max_tokens, seed; base_url unused
     startup_timeout_s: float = 600.0
     output_json: str | None = None
-    plot: str | None = None
+    plot: str | None = None  # PNG of latency against request rate per policy
 
 
 def _free_port() -> int:

@@ -44,19 +44,20 @@ LLMFactory = Callable[[dict | None], LLM]
 
 @dataclass
 class SpecBenchArgs:
-    dataset: str
-    methods: list[str] | None = None  # default: every proposer in foreseer.spec.PROPOSERS
-    num_speculative_tokens: int = 5
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
-    num_prompts: int = 32
+    dataset: str  # ShareGPT-format JSON file of the prompts
+    methods: list[str] | None = None  # draft methods (default: every registered proposer)
+    num_speculative_tokens: int = 5  # each method's deepest draft
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # requests in flight together
+    num_prompts: int = 32  # prompts per set
     batch_1_prompts: int = 8  # batch 1 runs prompts one by one: only the first few, to keep it short
-    max_tokens: int = 128
-    max_prompt_tokens: int = 512
-    repeats: int = 1  # runs of the prompts per engine and batch size; the fastest counts
-    control: bool = True  # also time a second engine without speculation
+    max_tokens: int = 128  # new tokens per prompt at most
+    max_prompt_tokens: int = 512  # longer prompts are shortened to fit
+    # Runs of the prompts per engine and batch size (a fresh prefix cache each); the fastest counts
+    repeats: int = 1
+    control: bool = True  # also time a second engine without speculation: it shows the run's noise
     spec_options: dict = field(default_factory=dict)  # further speculative_config keys, e.g. prompt_lookup_max
-    output_json: str | None = None
-    plot: str | None = None
+    output_json: str | None = None  # write the report to this JSON file
+    plot: str | None = None  # PNG of the speedup against batch size
 
 
 def load_sharegpt_answers(path: str, num: int, min_chars: int = MIN_TEXT_CHARS) -> list[str]:

@@ -19,14 +19,16 @@ from foreseer.sampling_params import SamplingParams
 
 @dataclass
 class ThroughputArgs:
-    dataset: str
-    num_prompts: int = 200
-    max_tokens: int = 256
-    max_prompt_tokens: int = 512
-    compare: tuple[str, ...] = ()  # baselines: "hf", "llamacpp" (same GGUF and threads), "float32" (weights expanded)
-    batching: str = "continuous"  # or "static", "seqsched" (LLM.generate's batching)
-    hf_batch_size: int = 32
-    output_json: str | None = None
+    dataset: str  # ShareGPT-format JSON file of the prompts
+    num_prompts: int = 200  # the dataset's first prompts
+    max_tokens: int = 256  # new tokens per prompt at most
+    max_prompt_tokens: int = 512  # longer questions are shortened to fit
+    # Also run these baselines: hf (transformers), llamacpp (llama.cpp on the same GGUF and threads; the `bench`
+    # extra), float32 (this engine with float32 weights)
+    compare: tuple[str, ...] = ()
+    batching: str = "continuous"  # LLM.generate's batching (seqsched: sequence scheduling by predicted length)
+    hf_batch_size: int = 32  # prompts per batch of the transformers baseline
+    output_json: str | None = None  # write the report to this JSON file
 
 
 @dataclass

@@ -451,27 +451,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainArgs()
     parser.add_argument("--model", default=d.model, help="model name, GGUF file or HF directory")
     parser.add_argument("--dataset", default=d.dataset, help="ShareGPT-format JSON")
-    parser.add_argument("--behaviours", nargs="+", default=d.behaviours, choices=list(BEHAVIOURS))
+    parser.add_argument("--behaviours", nargs="+", default=d.behaviours, choices=list(BEHAVIOURS),
+                        help="adapters to train, one per behaviour")
     parser.add_argument("--num-examples", type=int, default=d.num_examples, help="training examples per adapter")
     parser.add_argument("--skip-prompts", type=int, default=d.skip_prompts,
                         help="dataset questions to skip first (benchmarks and other trainers use the first ones)")
     parser.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="held-out questions")
-    parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                        help="longer questions are shortened to fit")
     parser.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="length of the base answers")
-    parser.add_argument("--rank", type=int, default=d.rank)
-    parser.add_argument("--alpha", type=int, default=d.alpha)
-    parser.add_argument("--target-modules", nargs="+", default=d.target_modules)
-    parser.add_argument("--dropout", type=float, default=d.dropout)
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--rank", type=int, default=d.rank, help="the adapters' rank")
+    parser.add_argument("--alpha", type=int, default=d.alpha, help="the adapters' scale numerator (alpha / rank)")
+    parser.add_argument("--target-modules", nargs="+", default=d.target_modules, help="projections the adapters adapt")
+    parser.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout in training")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="passes over each adapter's examples")
+    parser.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the training")
     parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (default: torch's)")
-    parser.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib)
+    parser.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib, help="KV cache of the engine")
     parser.add_argument("--data", default=d.data, help="JSON cache of the base model's answers (reused if present)")
     parser.add_argument("--output-dir", default=d.output_dir,
                         help="where the adapters' directories go (default: the shipped foreseer/lora/weights)")
-    parser.add_argument("--output-json", default=d.output_json)
+    parser.add_argument("--output-json", default=d.output_json, help="write the report to this JSON file")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -24,8 +24,8 @@ from foreseer.config import SpeculativeConfig
 from foreseer.llm import LLM
 from foreseer.outputs import SpeculationFigures
 from foreseer.sampling_params import SamplingParams
-from foreseer.spec.cost_model import StepCostModel
 from foreseer.spec.draft_model import LayerSkipProposer, layer_skip_path
+from foreseer.worker.profiling import StepCostModel
 
 
 @dataclass
@@ -146,16 +146,20 @@ def run(args: SearchLayersArgs, command: str = "") -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SearchLayersArgs()
-    parser.add_argument("--model", default=defaults.model)
-    parser.add_argument("--dataset", default=defaults.dataset)
-    parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts)
-    parser.add_argument("--skip-prompts", type=int, default=defaults.skip_prompts)
-    parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
-    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    parser.add_argument("--model", default=defaults.model, help="model name, GGUF file or HF directory")
+    parser.add_argument("--dataset", default=defaults.dataset, help="ShareGPT-format JSON")
+    parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts,
+                        help="prompts decoded for each candidate set")
+    parser.add_argument("--skip-prompts", type=int, default=defaults.skip_prompts,
+                        help="dataset prompts to skip first (the benchmarks use the first ones)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens,
+                        help="longer questions are shortened to fit")
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="new tokens per prompt")
     parser.add_argument("--skip-fractions", type=float, nargs="+", default=defaults.skip_fractions,
                         help="shares of the layers to try skipping")
-    parser.add_argument("--num-speculative-tokens", type=int, default=defaults.num_speculative_tokens)
-    parser.add_argument("--kv-cache-gib", type=float, default=defaults.kv_cache_gib)
+    parser.add_argument("--num-speculative-tokens", type=int, default=defaults.num_speculative_tokens,
+                        help="the layer_skip draft's deepest draft")
+    parser.add_argument("--kv-cache-gib", type=float, default=defaults.kv_cache_gib, help="KV cache of each engine")
     parser.add_argument("--output", default=None, help="default: the file layer_skip reads for the model")
 
 

@@ -278,20 +278,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset prompts to skip first (the benchmarks use the first ones)")
     parser.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts,
                         help="the last prompts, held out for evaluation")
-    parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
+    parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens,
+                        help="longer questions are shortened to fit")
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="answer length limit")
-    parser.add_argument("--num-heads", type=int, default=defaults.num_heads)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--num-heads", type=int, default=defaults.num_heads,
+                        help="heads to train: head i predicts the token i + 2 ahead")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training positions")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (warm-up, cosine decay)")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="positions per step")
     parser.add_argument("--logits-dtype", default=defaults.logits_dtype, choices=sorted(DTYPES),
                         help="dtype of the frozen lm_head matmul in training")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the engine, the heads' initialization and the batches")
     parser.add_argument("--kv-cache-gib", type=float, default=defaults.kv_cache_gib,
                         help="KV cache of the generation engine")
     parser.add_argument("--output-dir", default=defaults.output_dir, help="default: ./<model>-medusa")
-    parser.add_argument("--output-json", default=defaults.output_json)
+    parser.add_argument("--output-json", default=defaults.output_json, help="write the report to this JSON file")
 
 
 def main(args: argparse.Namespace) -> int:

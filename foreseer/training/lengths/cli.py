@@ -12,53 +12,56 @@ import sys
 import time
 
 from foreseer.bench.data import DEFAULT_DATASET
+from foreseer.commands import add_engine_arguments, make_llm
 from foreseer.training.lengths.dataset import MAX_TOKENS, TEMPERATURES
 
 DEFAULT_VAL_FRACTION = 0.1
 
 
-def add_lengths_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `lengths build|train|eval` under a `foreseer` subcommand parser; returns the `lengths` parser."""
-    from foreseer.cli import _add_engine_args
-
-    lengths = subparsers.add_parser("lengths", help="response-length prediction: dataset, training, evaluation")
-    commands = lengths.add_subparsers(dest="lengths_command", required=True)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`foreseer lengths build|train|eval`."""
+    commands = parser.add_subparsers(dest="lengths_command", required=True, help="the step")
 
     build = commands.add_parser("build", help="generate answers to ShareGPT prompts and record their lengths")
     build.add_argument("--output", required=True, help="JSONL file; records already in it are kept (resume)")
-    build.add_argument("--dataset", default=DEFAULT_DATASET)
+    build.add_argument("--dataset", default=DEFAULT_DATASET, help="ShareGPT-format JSON file of the prompts")
     build.add_argument("--num-prompts", type=int, default=1000, help="ShareGPT prompts to take (exact repeats dropped)")
-    build.add_argument("--skip-prompts", type=int, default=2000)
-    build.add_argument("--max-prompt-tokens", type=int, default=512)
-    build.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
-    build.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES))
-    build.add_argument("--max-prompts-in-flight", type=int, default=64)
-    build.add_argument("--sampling-seed", type=int, default=0)
-    build.set_defaults(func=cmd_build)
+    build.add_argument("--skip-prompts", type=int, default=2000,
+                       help="dataset prompts to skip first (the benchmarks use the first ones)")
+    build.add_argument("--max-prompt-tokens", type=int, default=512, help="longer questions are shortened to fit")
+    build.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="answer length limit (the longest label)")
+    build.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES),
+                       help="one answer per prompt at each of these temperatures")
+    build.add_argument("--max-prompts-in-flight", type=int, default=64,
+                       help="prompts generating together (each with one sequence per temperature)")
+    build.add_argument("--sampling-seed", type=int, default=0, help="seed of the answers' sampling")
+    build.set_defaults(lengths_main=cmd_build)
 
     train = commands.add_parser("train", help="train a predictor on the train split")
     train.add_argument("--predictor", choices=["probe", "lora"], default="probe",
                        help="probe: a head on the hidden state; lora: an adapter that makes the model state the length")
     train.add_argument("--data", required=True, help="JSONL file written by `lengths build`")
     train.add_argument("--output-dir", default=None, help="default: the shipped directory of --model's predictor")
-    train.add_argument("--train-seed", type=int, default=0)
-    train.add_argument("--output-json", default=None)
+    train.add_argument("--train-seed", type=int, default=0, help="seed of the initialization and the batches")
+    train.add_argument("--output-json", default=None, help="write the training record to this JSON file")
     probe = train.add_argument_group("probe")
-    probe.add_argument("--kind", choices=["regression", "buckets"], default="buckets")
+    probe.add_argument("--kind", choices=["regression", "buckets"], default="buckets",
+                       help="regression: predict the length; buckets: classify it into length buckets")
     probe.add_argument("--hidden-dim", type=int, default=128, help="MLP width; 0: a linear head")
-    probe.add_argument("--num-buckets", type=int, default=16)
-    probe.add_argument("--epochs", type=int, default=300)
-    probe.add_argument("--lr", type=float, default=1e-3)
-    probe.add_argument("--weight-decay", type=float, default=1e-2)
+    probe.add_argument("--num-buckets", type=int, default=16, help="buckets: length classes")
+    probe.add_argument("--epochs", type=int, default=300, help="full-batch AdamW steps")
+    probe.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    probe.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     lora = train.add_argument_group("lora (Hugging Face transformers + peft, fp32; then validated through the engine)")
-    lora.add_argument("--lora-rank", type=int, default=8)
-    lora.add_argument("--lora-alpha", type=int, default=16)
-    lora.add_argument("--lora-target-modules", nargs="+", default=["q_proj", "v_proj"])
-    lora.add_argument("--lora-epochs", type=int, default=2)
-    lora.add_argument("--lora-lr", type=float, default=1e-3)
+    lora.add_argument("--lora-rank", type=int, default=8, help="the adapter's rank")
+    lora.add_argument("--lora-alpha", type=int, default=16, help="the adapter's scale numerator (alpha / rank)")
+    lora.add_argument("--lora-target-modules", nargs="+", default=["q_proj", "v_proj"],
+                      help="projections the adapter adapts")
+    lora.add_argument("--lora-epochs", type=int, default=2, help="passes over the train split")
+    lora.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate")
     lora.add_argument("--lora-batch-size", type=int, default=8, help="examples per step, batched by similar length")
     lora.add_argument("--limit", type=int, default=None, help="train on the first N train records (a trial run)")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(lengths_main=cmd_train)
 
     evaluate = commands.add_parser("eval", help="score a predictor on the validation split")
     evaluate.add_argument("--predictor", required=True, help="a registered predictor: pia, lora, probe, constant")
@@ -68,28 +71,29 @@ def add_lengths_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     evaluate.add_argument("--default-length", type=int, default=None,
                           help="pia's and lora's fallback, constant's value (default: the train split's median label)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate on the first N validation prompts")
-    evaluate.add_argument("--output-json", default=None)
-    evaluate.set_defaults(func=cmd_eval)
+    evaluate.add_argument("--output-json", default=None, help="write the report to this JSON file")
+    evaluate.set_defaults(lengths_main=cmd_eval)
 
-    for parser in (build, train, evaluate):
-        parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
-                            help="share of prompts in the validation split (by a hash of the prompt id)")
-        parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-        _add_engine_args(parser)
-    return lengths
+    for sub in (build, train, evaluate):
+        sub.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                         help="share of prompts in the validation split (by a hash of the prompt id)")
+        sub.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+        add_engine_arguments(sub)
+
+
+def main(args: argparse.Namespace) -> int:
+    return args.lengths_main(args)
 
 
 def _setup(args: argparse.Namespace):
     """Thread count first (it must precede any parallel work), then the engine."""
     import torch
 
-    from foreseer.cli import _make_llm
-
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return _make_llm(args)
+    return make_llm(args)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

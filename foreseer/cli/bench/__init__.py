@@ -1,0 +1,1 @@
+"""foreseer bench ...: each benchmark's flags come from its arguments dataclass in foreseer/bench."""
