@@ -25,7 +25,7 @@ import typing
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from foreseer.config import WEIGHT_FORMATS, EngineConfig
+from foreseer.config import LORA_MEMORY_MODES, WEIGHT_FORMATS, EngineConfig
 from foreseer.registry import ATTENTION_BACKENDS, SCHEDULING_POLICIES
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ ENGINE_CHOICES: dict[str, Sequence[str]] = {
     "weight_format": WEIGHT_FORMATS,
     "attention_backend": ("auto", *sorted(ATTENTION_BACKENDS)),
     "policy": tuple(SCHEDULING_POLICIES),
-    "lora_memory": ("separate", "unified"),
+    "lora_memory": LORA_MEMORY_MODES,
 }
 # Engine flags named otherwise than their field: the name LLM(...) takes too (EngineConfig.from_kwargs' alias).
 ENGINE_FLAG_NAMES = {"policy": "scheduling_policy"}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from foreseer.registry import ATTENTION_BACKENDS, DRAFT_PROPOSERS, SCHEDULING_POLICIES
 
 WEIGHT_FORMATS = ("auto", "float32")
+LORA_MEMORY_MODES = ("separate", "unified")
 
 
 @dataclass
@@ -123,7 +124,7 @@ class LoRAConfig:
             self.max_cpu_loras = max(16, self.max_loras)
         _check(isinstance(self.max_cpu_loras, int) and self.max_cpu_loras >= self.max_loras, "max_cpu_loras",
                f"must be an integer >= max_loras ({self.max_loras}), got {self.max_cpu_loras!r}")
-        _check(self.lora_memory in ("separate", "unified"), "lora_memory",
+        _check(self.lora_memory in LORA_MEMORY_MODES, "lora_memory",
                f"must be 'separate' or 'unified', got {self.lora_memory!r}")
 
 
