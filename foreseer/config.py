@@ -31,6 +31,9 @@ class SchedulerConfig:
     # probe at the end of each prefill
     policy: str = "fcfs"
     max_wait_s: float = 10.0  # sjf, mlfq: a request waiting longer than this goes first (aging)
+    # sjf: a running request that has generated this share of its predicted length is not preempted (TRAIL)
+    sjf_preemption_limit: float = 0.5
+    s3_quantile: float = 0.9  # s3: reserve KV for this upper quantile of each request's predicted remaining length
     mlfq_levels: int = 4  # mlfq: priority levels
     mlfq_base_quantum: int = 16  # mlfq: decode iterations at the top level; each level below doubles it
     mlfq_prefill_tokens_per_iteration: int = 64  # mlfq skip-join: prompt tokens that cost one decode iteration
@@ -41,6 +44,8 @@ class SchedulerConfig:
         _check(self.policy in SCHEDULING_POLICIES, "scheduling_policy",
                f"must be one of {', '.join(sorted(SCHEDULING_POLICIES))}, got {self.policy!r}")
         _check(self.max_wait_s > 0, "max_wait_s", "must be > 0")
+        _check(0 < self.sjf_preemption_limit <= 1, "sjf_preemption_limit", "must be in (0, 1]")
+        _check(0 < self.s3_quantile < 1, "s3_quantile", "must be in (0, 1)")
         for name in ("mlfq_levels", "mlfq_base_quantum", "mlfq_prefill_tokens_per_iteration"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
 
@@ -144,9 +149,12 @@ class EngineConfig:
     # Speculative decoding: SpeculativeConfig's fields, e.g. {"method": "ngram", "num_speculative_tokens": 5}
     speculative_config: SpeculativeConfig | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    # Predict each request's answer length from its prefill's last hidden state: "probe" (the head shipped for
-    # the model) or a directory of a trained probe head; outputs then carry `predicted_length`.
+    # Predict how long each request's answer is from hidden states the forward pass computes anyway: "remaining"
+    # (the remaining-length head shipped for the model, refined while it decodes), "probe" (the prompt-only head)
+    # or a directory of a trained head; outputs then carry `predicted_length`. sjf and s3 use "remaining" unless
+    # told otherwise
     length_predictor: str | None = None
+    length_refresh_tokens: int = 16  # the remaining-length head predicts again every this many generated tokens
 
     def __post_init__(self) -> None:
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
@@ -155,7 +163,9 @@ class EngineConfig:
         _check(self.attention_backend == "auto" or self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
                f"must be one of auto, {', '.join(sorted(ATTENTION_BACKENDS))}, got {self.attention_backend!r}")
         _check(self.length_predictor is None or isinstance(self.length_predictor, str), "length_predictor",
-               "must be 'probe' or a directory of a trained probe head")
+               "must be 'remaining', 'probe' or a directory of a trained head")
+        _check(isinstance(self.length_refresh_tokens, int) and self.length_refresh_tokens >= 1,
+               "length_refresh_tokens", "must be an integer >= 1")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:

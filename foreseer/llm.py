@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from foreseer.config import EngineConfig
-from foreseer.engine.engine import LLMEngine
+from foreseer.engine.engine import LLMEngine, check_length_hint
 from foreseer.lengths.batching import BatchingStrategy, Job, get_strategy
 from foreseer.lora import LoRARequest
 from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -44,8 +44,12 @@ class LLM:
         priority: Sequence[int] | None = None,
         batching: str | BatchingStrategy = "continuous",
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        length_hint: int | Sequence[int | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; a prompt that cannot be served gets an output with `error` set.
+
+        `length_hint`: each answer's length where it is known (e.g. from an earlier run of the same prompts),
+        which the length-aware policies (sjf, s3) then use instead of predicting it.
 
         `lora_request` runs every prompt, or each prompt (a list), with a LoRA adapter (None: the base model);
         the engine needs enable_lora=True.
@@ -60,10 +64,11 @@ class LLM:
         params_list = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
         priorities = _per_prompt(priority if priority is not None else 0, len(prompts), "priority")
         loras = _per_prompt(lora_request, len(prompts), "lora_request")
+        hints = _per_prompt(length_hint, len(prompts), "length_hint")
         results: dict[str, RequestOutput] = {}
         order = []
         jobs = []
-        for prompt, params, prio, lora in zip(prompts, params_list, priorities, loras):
+        for prompt, params, prio, lora, hint in zip(prompts, params_list, priorities, loras, hints):
             request_id = str(self._counter)
             self._counter += 1
             order.append(request_id)
@@ -74,11 +79,12 @@ class LLM:
                     self.engine.load_lora(lora)
                     reserved = self.engine.lora.pages(lora.lora_int_id)  # unified memory: its KV pages
                 max_tokens = self.engine.check_lengths(len(token_ids), params, reserved)
+                check_length_hint(hint)
             except ValueError as error:
                 logger.warning("request %s rejected: %s", request_id, error)
                 results[request_id] = _rejected(request_id, prompt, str(error))
                 continue
-            jobs.append(Job(request_id, prompt, token_ids, params, max_tokens, prio, lora))
+            jobs.append(Job(request_id, prompt, token_ids, params, max_tokens, prio, lora, hint))
         bar = tqdm(total=len(jobs), desc="generate", disable=not use_tqdm, unit="req")
 
         def finished(output: RequestOutput) -> None:

@@ -44,7 +44,8 @@ def test_bench_seqsched_runs_every_schedule_with_the_same_answers(tiny_llama, da
     out = tmp_path / "seqsched.json"
     options = json.dumps({"weights_dir": buckets_probe, "quantile": 0.9})
     result = _cli("bench", "seqsched", "--model", tiny_llama, *ENGINE, "--dataset", dataset, "--num-prompts", "8",
-                  "--max-tokens", "24", "--group-size", "5", "--bin-width", "8", "--predictor-options", options,
+                  "--max-tokens", "24", "--group-size", "5", "--bin-width", "8", "--predictor", "probe",
+                  "--predictor-options", options,
                   "--padded", "--length-predictor", buckets_probe, "--output-json", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
@@ -59,8 +60,58 @@ def test_bench_seqsched_runs_every_schedule_with_the_same_answers(tiny_llama, da
         assert 0 < row["useful_share"] <= 1
     assert rows["static"]["speedup_vs_static"] == 1.0
     assert rows["seqsched_oracle"]["num_recomputed"] == 0  # true lengths never cut an answer short
+    assert rows["seqsched_oracle"]["share_of_oracle_gain"] == pytest.approx(1.0)
+    assert rows["static"]["share_of_oracle_gain"] == 0.0
     assert rows["continuous"]["useful_share"] == 1.0
     assert "sequence scheduling (all)" in result.stdout
+
+
+@pytest.fixture()
+def remaining_head(tmp_path) -> str:
+    from foreseer.lengths.remaining import RemainingHead, RemainingHeadConfig
+
+    torch.manual_seed(0)
+    head = RemainingHead(RemainingHeadConfig(hidden_size=64, layer=1, edges=[0, 2, 4, 8, 16, 32], hidden_dim=16))
+    with torch.no_grad():
+        head.net[-1].weight.normal_(0, 2.0)
+    directory = str(tmp_path / "remaining")
+    head.save(directory)
+    return directory
+
+
+def test_bench_seqsched_with_the_remaining_head_and_answer_lengths(tiny_llama, dataset, remaining_head, tmp_path):
+    """The remaining-length head bins by its 0.9 quantile and re-bins FCR failures by a refined prediction; every
+    prompt asks for its dataset answer's length."""
+    out = tmp_path / "seqsched.json"
+    options = json.dumps({"weights_dir": remaining_head, "quantile": 0.9})
+    result = _cli("bench", "seqsched", "--model", tiny_llama, *ENGINE, "--dataset", dataset, "--num-prompts", "8",
+                  "--max-tokens", "24", "--max-tokens-from-answers", "--group-size", "8", "--bin-width", "4",
+                  "--predictor-options", options, "--rows", "static", "seqsched", "seqsched_oracle",
+                  "--output-json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["predictor"] == "remaining" and report["max_tokens_from_answers"]
+    for name, row in report["rows"].items():
+        assert row["identical_to_continuous"] == 8, name
+    assert report["mean_max_tokens"] < 24  # "ok" answers are short
+
+
+def test_bench_policies_on_a_burst(tiny_llama, dataset, remaining_head, tmp_path):
+    out = tmp_path / "burst.json"
+    result = _cli("bench", "policies", "--model", tiny_llama, *ENGINE, "--dataset", dataset, "--num-prompts", "8",
+                  "--max-tokens-cap", "24", "--seats", "2", "4", "--length-predictor", remaining_head,
+                  "--output-json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert list(report["rows"]) == [f"{p}@{n}" for n in (2, 4) for p in ("fcfs", "sjf", "sjf-oracle", "mlfq", "s3")]
+    for name, row in report["rows"].items():
+        assert row["same_answers"] == 8, name
+        assert row["p99_latency_s"] >= row["p50_latency_s"] > 0 and row["longest_wait_s"] >= row["mean_ttft_s"]
+        assert row["p99_vs_fcfs"] > 0
+    for seats in (2, 4):
+        assert report["rows"][f"sjf-oracle@{seats}"]["share_of_oracle_gain"] in (None, pytest.approx(1.0))
+    assert report["rows"]["sjf@2"]["predictor_share"] > 0
+    assert "sjf-oracle" in result.stdout
 
 
 def test_bench_serve_starts_a_server_per_policy(tiny_llama, dataset, tmp_path):

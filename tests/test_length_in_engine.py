@@ -38,7 +38,9 @@ def test_outputs_carry_the_probes_prediction_and_the_same_text(tiny_llama, rando
 def test_length_predictor_errors(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="no probe is shipped"):
         LLM(tiny_llama, kv_cache_gib=0.01, length_predictor="probe")
-    with pytest.raises(ValueError, match="has no probe_config.json"):
+    with pytest.raises(ValueError, match="no remaining-length head is shipped"):
+        LLM(tiny_llama, kv_cache_gib=0.01, length_predictor="remaining")
+    with pytest.raises(ValueError, match="directory with remaining_config.json or probe_config.json"):
         LLM(tiny_llama, kv_cache_gib=0.01, length_predictor=str(tmp_path))
     ProbeHead(ProbeConfig(hidden_size=32)).save(str(tmp_path))
     with pytest.raises(ValueError, match="hidden size"):

@@ -361,8 +361,8 @@ def test_cli_build_train_eval(tiny_llama, tmp_path):
     assert main(["lengths", "build", "--output", data, "--dataset", str(dataset), "--num-prompts", "10",
                  "--skip-prompts", "0", "--max-tokens", "5", "--max-prompt-tokens", "64", *engine]) == 0
     assert len(load_records(data)) == 10
-    assert main(["lengths", "train", "--data", data, "--output-dir", probe_dir, "--epochs", "5", "--hidden-dim", "8",
-                     *engine]) == 0
+    assert main(["lengths", "train", "--predictor", "probe", "--data", data, "--output-dir", probe_dir, "--epochs", "5",
+                 "--hidden-dim", "8", *engine]) == 0
     config = json.load(open(os.path.join(probe_dir, "probe_config.json")))
     assert config["training"]["command"].startswith("foreseer lengths ")
     assert config["training"]["dataset"]["records"] == 10 and config["hidden_dim"] == 8

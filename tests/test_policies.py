@@ -274,7 +274,7 @@ def test_lengths_are_predicted_from_each_requests_own_prefill(tiny_llama, random
     """SJF with one seat: each new request pauses the runner for its prefill, whose last hidden state gives its
     prediction; no prompt is computed twice."""
     llm = LLM(tiny_llama, kv_cache_gib=0.01, block_size=4, max_num_seqs=1, scheduling_policy="sjf",
-              length_predictor=random_probe)
+              length_predictor=random_probe, sjf_preemption_limit=1.0)  # any request may be paused
     prompts = [list(range(5 + i, 20 + 5 * i)) for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     for i, prompt in enumerate(prompts):
@@ -301,7 +301,7 @@ def test_policy_errors(tiny_llama):
     with pytest.raises(ValueError, match="unknown scheduling_policy 'random'"):
         get_policy("random")
     for policy in ("sjf", "s3"):
-        with pytest.raises(ValueError, match=f"scheduling_policy '{policy}' needs length_predictor.*no probe"):
+        with pytest.raises(ValueError, match=f"'{policy}' needs length_predictor.*no remaining-length head"):
             LLM(tiny_llama, kv_cache_gib=0.01, scheduling_policy=policy)
     with pytest.raises(ValueError, match="max_wait_s must be > 0"):
         SchedulerConfig(max_wait_s=0)

@@ -60,11 +60,11 @@ def test_every_schedule_gives_plain_generations_text_in_the_callers_order(tiny_e
     assert len(set(probe.predict(prompts))) > 2  # the probe really spread the queries over bins
 
 
-def test_seqsched_by_name_uses_the_shipped_probe_and_reports_bad_names(tiny_engine):
+def test_seqsched_by_name_uses_the_shipped_head_and_reports_bad_names(tiny_engine):
     prompts, _, params = _workload()
     with pytest.raises(ValueError, match="unknown batching 'padded'"):
         tiny_engine.generate(prompts, params, batching="padded")
-    with pytest.raises(ValueError, match="no probe is shipped"):  # the tiny model has none
+    with pytest.raises(ValueError, match="no remaining-length head is shipped"):  # the tiny model has none
         tiny_engine.generate(prompts, params, use_tqdm=False, batching="seqsched")
 
 

@@ -571,3 +571,32 @@ def test_openai_async_client_concurrent_requests_and_errors(real_server, real_ll
             return [r.choices[0].message.content for r in responses]
 
     assert asyncio.run(run()) == [o.outputs[0].text for o in expected]
+
+
+def test_priority_and_length_hint_reach_the_scheduler(tiny_llama):
+    """vLLM's `priority` orders requests under --scheduling-policy priority; a bad `length_hint` is a 400."""
+    with running_server(tiny_llama, scheduling_policy="priority", max_num_seqs=1, **TINY_ENGINE) as (url, engine):
+        def body(priority: int, max_tokens: int) -> dict:
+            return {"model": tiny_llama, "prompt": "the quick brown fox", "max_tokens": max_tokens,
+                    "ignore_eos": True, "priority": priority, "length_hint": max_tokens}
+
+        async def run() -> list[str]:
+            finished: list[str] = []
+            async with httpx.AsyncClient(timeout=60) as client:
+                async def send(name: str, priority: int, max_tokens: int) -> None:
+                    response = await client.post(url + "/v1/completions", json=body(priority, max_tokens))
+                    assert response.status_code == 200, response.text
+                    finished.append(name)
+
+                first = asyncio.create_task(send("first", 0, 400))  # holds the only seat
+                while not engine.engine.has_unfinished_requests():
+                    await asyncio.sleep(0.01)
+                low = asyncio.create_task(send("low", 5, 4))
+                await asyncio.sleep(0.2)
+                high = asyncio.create_task(send("high", -5, 4))
+                await asyncio.gather(first, low, high)
+            return finished
+
+        assert asyncio.run(run()) == ["first", "high", "low"]
+        response = httpx.post(url + "/v1/completions", json={**body(0, 4), "length_hint": 0}, timeout=60)
+        assert response.status_code == 400 and "length_hint" in response.json()["error"]["message"]

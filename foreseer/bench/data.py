@@ -64,3 +64,20 @@ def chat_prompt_ids(tokenizer, question: str, max_prompt_tokens: int) -> list[in
         ids = render(tokenizer.decode(content[:keep]))
         keep -= 1
     return ids
+
+
+def sharegpt_answer_budgets(tokenizer, path: str, num: int, skip: int, max_tokens_cap: int
+                            ) -> list[tuple[str, str, int]]:
+    """(id, question, max_tokens) for ShareGPT conversations skip .. skip + num that have a question and an answer,
+    exact repeats of an earlier question dropped: max_tokens is the answer's length in this tokenizer's tokens, at
+    most max_tokens_cap (the serving benchmarks' workload: each request asks for about what ShareGPT's answer had)."""
+    seen: set[str] = set()
+    budgets = []
+    for index, (question, answer) in enumerate(load_sharegpt_pairs(path, skip + num)):
+        if question in seen:
+            continue
+        seen.add(question)
+        if index >= skip:
+            length = len(tokenizer.encode(answer, add_special_tokens=False))
+            budgets.append((f"sharegpt-{index}", question, max(1, min(length, max_tokens_cap))))
+    return budgets

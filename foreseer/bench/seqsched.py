@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from foreseer.bench.data import chat_prompt_ids, load_sharegpt_questions
+from foreseer.bench.data import chat_prompt_ids, load_sharegpt_questions, sharegpt_answer_budgets
 from foreseer.bench.report import write_json
 from foreseer.lengths.batching import BatchingStrategy, ContinuousBatching, SequenceScheduling, StaticBatching
 from foreseer.lengths.predictors import KnownLengthPredictor, create_predictor
@@ -48,10 +48,12 @@ class SeqschedBenchArgs:
     skip_prompts: int = 0  # start at this prompt (the shipped probe was trained on prompts 2000-2315)
     max_prompt_tokens: int = 512  # longer questions are shortened to fit
     max_tokens: int = 512  # new tokens per prompt at most
+    # Each prompt's max_tokens is its ShareGPT answer's length, at most max_tokens (the serving workload)
+    max_tokens_from_answers: bool = False
     group_size: int = 256  # queries predicted and sorted together
     bin_width: int = 50  # tokens of predicted length per bin
-    predictor: str = "probe"  # length predictor (probe, pia, constant)
-    # The predictor's options (default: SequenceScheduling's, for the probe {"quantile": 0.9})
+    predictor: str = "remaining"  # length predictor (remaining, probe, pia, constant)
+    # The predictor's options (default: SequenceScheduling's, for the heads {"quantile": 0.9})
     predictor_options: dict | None = None
     rows: list[str] = field(default_factory=lambda: list(ROWS))  # schedules to run (continuous always runs first)
     padded: bool = False  # static batches decode padding until their last member ends, as in the paper
@@ -64,9 +66,15 @@ def run(make_llm: Callable[[str], LLM], args: SeqschedBenchArgs) -> dict:
     if unknown:
         raise ValueError(f"unknown rows {sorted(unknown)}; available: {', '.join(ROWS)}")
     llm = make_llm("fcfs")
-    questions = load_sharegpt_questions(args.dataset, args.num_prompts, args.skip_prompts)
+    if args.max_tokens_from_answers:
+        budgets = sharegpt_answer_budgets(llm.tokenizer, args.dataset, args.num_prompts, args.skip_prompts,
+                                          args.max_tokens)
+        questions, limits = [q for _, q, _ in budgets], [limit for _, _, limit in budgets]
+    else:
+        questions = load_sharegpt_questions(args.dataset, args.num_prompts, args.skip_prompts)
+        limits = [args.max_tokens] * len(questions)
     prompts = [chat_prompt_ids(llm.tokenizer, q, args.max_prompt_tokens) for q in questions]
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    params = [SamplingParams(temperature=0, max_tokens=limit) for limit in limits]
     options = args.predictor_options
     if options is None:
         options = SequenceScheduling.DEFAULT_PREDICTOR_OPTIONS.get(args.predictor, {})
@@ -85,7 +93,8 @@ def run(make_llm: Callable[[str], LLM], args: SeqschedBenchArgs) -> dict:
         return SequenceScheduling(lengths, args.group_size, args.bin_width, fcr=fcr, vbs=vbs, padded=args.padded)
 
     report = {"model": llm.engine.config.model, "num_prompts": len(prompts), "skip_prompts": args.skip_prompts,
-              "max_tokens": args.max_tokens, "group_size": args.group_size, "bin_width": args.bin_width,
+              "max_tokens": args.max_tokens, "max_tokens_from_answers": args.max_tokens_from_answers,
+              "mean_max_tokens": sum(limits) / len(limits), "group_size": args.group_size, "bin_width": args.bin_width,
               "predictor": args.predictor, "predictor_options": options, "padded": args.padded,
               "threads": torch.get_num_threads(),
               "kv_cache_tokens": llm.engine.block_manager.num_blocks * llm.engine.block_manager.block_size,
@@ -112,10 +121,14 @@ def run(make_llm: Callable[[str], LLM], args: SeqschedBenchArgs) -> dict:
         if name == "continuous":
             lengths = [len(t) for t in reference]
             report["answer_lengths"] = {"mean": sum(lengths) / len(lengths),
-                                        "share_at_limit": sum(n >= args.max_tokens for n in lengths) / len(lengths)}
-        base = report["rows"].get("static")
+                                        "share_at_limit": sum(n >= limit for n, limit in zip(lengths, limits))
+                                        / len(lengths)}
+        base, oracle = report["rows"].get("static"), report["rows"].get("seqsched_oracle")
         for done in report["rows"].values():
             done["speedup_vs_static"] = done["samples_per_s"] / base["samples_per_s"] if base else None
+            # The share of the oracle's gain over static batching that this row reaches.
+            gain = oracle["samples_per_s"] - base["samples_per_s"] if base and oracle else None
+            done["share_of_oracle_gain"] = (done["samples_per_s"] - base["samples_per_s"]) / gain if gain else None
         write_json(report, args.output_json)  # after every row: a long run's finished rows survive an interruption
     print(format_table(report))
     return report
@@ -123,17 +136,20 @@ def run(make_llm: Callable[[str], LLM], args: SeqschedBenchArgs) -> dict:
 
 def _format_row(name: str, row: dict, base: dict | None) -> str:
     speedup = f"{row['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
+    share = row.get("share_of_oracle_gain")
     return (f"{DESCRIPTIONS[name]:<38}{row['samples_per_s']:>9.3f}{row['output_tokens_per_s']:>9.1f}"
             f"{row['average_padded_length']:>9.1f}{100 * row['useful_share']:>8.1f}%"
-            f"{100 * row['recomputed_share']:>8.1f}%{speedup:>10}{row['identical_to_continuous']:>7}")
+            f"{100 * row['recomputed_share']:>8.1f}%{speedup:>10}{row['identical_to_continuous']:>7}"
+            f"{'-' if share is None else f'{100 * share:.0f}%':>8}")
 
 
 def format_table(report: dict) -> str:
     header = (f"{'schedule':<38}{'req/s':>9}{'tok/s':>9}{'padded':>9}{'useful':>9}{'recomp':>9}"
-              f"{'vs static':>10}{'same':>7}")
+              f"{'vs static':>10}{'same':>7}{'oracle':>8}")
     base = report["rows"].get("static")
     lines = [f"{'padded' if report['padded'] else 'unpadded'} static batches, "
-             f"{report['num_prompts']} prompts, up to {report['max_tokens']} new tokens, groups of "
+             f"{report['num_prompts']} prompts, up to {report['max_tokens']} new tokens"
+             f"{' (ShareGPT answer lengths)' if report['max_tokens_from_answers'] else ''}, groups of "
              f"{report['group_size']}, bins of {report['bin_width']} tokens, predictor {report['predictor']}, "
              f"KV cache {report['kv_cache_tokens']} tokens", header]
     lines += [_format_row(name, row, base) for name, row in report["rows"].items()]

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from foreseer.bench.data import DEFAULT_DATASET, load_sharegpt_pairs, load_sharegpt_questions
+from foreseer.bench.data import DEFAULT_DATASET, load_sharegpt_questions, sharegpt_answer_budgets
 from foreseer.bench.report import write_json
 
 
@@ -101,10 +101,8 @@ def request_lengths(args: ServeBenchArgs) -> tuple[list[str], list[int]]:
     from foreseer.models.loader import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(args.tokenizer))
-    pairs = load_sharegpt_pairs(args.dataset, args.num_prompts)
-    lengths = [max(1, min(args.max_tokens, len(tokenizer.encode(answer, add_special_tokens=False))))
-               for _, answer in pairs]
-    return [question for question, _ in pairs], lengths
+    budgets = sharegpt_answer_budgets(tokenizer, args.dataset, args.num_prompts, 0, args.max_tokens)
+    return [question for _, question, _ in budgets], [limit for _, _, limit in budgets]
 
 
 async def benchmark(args: ServeBenchArgs) -> dict:

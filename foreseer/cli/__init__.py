@@ -1,5 +1,5 @@
-"""Command line: foreseer generate | chat | serve | bench throughput|decode|spec|seqsched|lora|serve |
-spec train-medusa|search-layers | lengths build|train|eval | lora train.
+"""Command line: foreseer generate | chat | serve | bench throughput|decode|spec|seqsched|lora|serve|policies |
+spec train-medusa|search-layers | lengths build|traces|train|compare|eval | lora train.
 
 Each command is a module with `add_arguments(parser)` and `main(args) -> int`, named in COMMANDS and imported only
 when its command runs (or when the whole parser is built)."""
@@ -46,6 +46,8 @@ COMMANDS: tuple[Command | Group, ...] = (
         Command("lora", "multi-LoRA throughput over N adapters, against the base model and merging adapters one "
                         "at a time", "foreseer.cli.bench.lora"),
         Command("serve", "online serving benchmark against an OpenAI-compatible server", "foreseer.cli.bench.serve"),
+        Command("policies", "scheduling policies (fcfs, sjf, its oracle, mlfq, s3) on a burst of requests: "
+                            "latency mean, p50, p99, longest wait", "foreseer.cli.bench.policies"),
     )),
     Command("serve", "OpenAI-compatible HTTP server", "foreseer.cli.serve"),
     Group("spec", "speculative decoding tools", (

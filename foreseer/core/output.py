@@ -39,8 +39,10 @@ class ModelRunnerOutput:
 
     sampled: dict[str, list[int]]
     logprobs: dict[str, list[tuple[float, dict[int, Logprob]]]] = field(default_factory=dict)
-    # Final hidden state at each request's last emitted token, when a draft proposer reads them.
+    # Final hidden state at each request's last emitted token, when a step hook reads them.
     hidden_states: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The output of each of the runner's capture_layers at the same token, when a step hook reads them.
+    layer_states: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass

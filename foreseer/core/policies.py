@@ -4,20 +4,24 @@ and preemption. The scheduler calls the hooks and never asks which policy it run
 - fcfs: arrival order.
 - priority: lower `priority` first, then arrival.
 - sjf: shortest predicted remaining answer first (shortest remaining processing time, preemptive for seats like
-  mlfq), with aging: a request kept waiting longer than `max_wait_s` goes before every other one until it
-  finishes, so no request starves behind a stream of shorter ones. The prediction comes from the end of the
-  request's own prefill (no extra forward pass), so a request not yet predicted goes first to have its prefill.
+  mlfq), from the remaining-length head's distribution, refined while the request decodes (TRAIL, Shahout et
+  al., 2025). Limited preemption: a request that has generated `sjf_preemption_limit` of its predicted length is
+  never paused. Aging: a request kept waiting longer than `max_wait_s` goes before every other one until it
+  finishes, so no request starves behind a stream of shorter ones. The first prediction comes from the end of
+  the request's own prefill (no extra forward pass), so a request not yet predicted goes first to have its
+  prefill.
 - mlfq: FastServe's skip-join multi-level feedback queue (Wu et al., 2023): levels with doubling quanta, a new
   request joins the first level whose quantum covers its prefill, is demoted when it uses up a quantum, and is
   promoted to the top when it waits longer than `max_wait_s`. Preemptive for seats: a better-ranked waiting
   request pauses the worst running one, whose KV stays in the cache while memory allows.
 - s3: S³ (Jin et al., 2023): FCFS, but a request is admitted only if the KV cache holds its prompt and predicted
-  answer beside what the running requests have reserved for theirs; a request that outgrows its prediction
-  has its reservation doubled.
+  answer (an upper quantile, `s3_quantile`, of its remaining-length distribution) beside what the running
+  requests have reserved for theirs; the reservations follow each request's refined prediction.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -55,6 +59,10 @@ class SchedulingPolicy(ABC):
         """Whether a waiting request may start (or resume) now, beside the seat and block checks."""
         return True
 
+    def may_preempt(self, request: Request) -> bool:
+        """Whether a preemptive policy may pause this running request for a better-ranked waiting one."""
+        return True
+
     def forget(self, request: Request) -> None:  # noqa: B027 (a hook most policies skip)
         """The request finished or was aborted."""
 
@@ -75,11 +83,24 @@ class PriorityPolicy(SchedulingPolicy):
         return (request.priority, request.metrics.arrival_time)
 
 
-def predicted_length(request: Request) -> int:
-    """The request's predicted answer length, at most its max_tokens (the answer cannot be longer); without a
-    prediction (not made yet), its max_tokens."""
-    return request.max_tokens if request.predicted_length is None else min(request.predicted_length,
-                                                                            request.max_tokens)
+def remaining_tokens(request: Request, quantile: float | None = None) -> float:
+    """Tokens the request has left to generate, as predicted: the mean (or, with `quantile`, that upper quantile)
+    of its remaining-length distribution, conditioned on what it generated since, at most what max_tokens leaves.
+
+    A whole-answer prediction (the probe) counts down as the request generates; one the request outgrows is
+    doubled (S3's rule for a misprediction). Without a prediction (none made yet): all max_tokens leaves.
+    """
+    generated = request.num_output_tokens
+    cap = max(request.max_tokens - generated, 0)
+    estimate = request.length_estimate
+    if estimate is not None:
+        return estimate.mean(generated, cap) if quantile is None else estimate.quantile(quantile, generated, cap)
+    if request.predicted_length is None:
+        return cap
+    length = max(min(request.predicted_length, request.max_tokens), 1)
+    while length <= generated and length < request.max_tokens:
+        length *= 2
+    return max(min(length, request.max_tokens) - generated, 0)
 
 
 def _starved(request: Request, now: float, max_wait_s: float) -> bool:
@@ -87,7 +108,7 @@ def _starved(request: Request, now: float, max_wait_s: float) -> bool:
 
 
 class SJFPolicy(SchedulingPolicy):
-    """Shortest predicted remaining length first; requests kept waiting longer than max_wait_s first of all."""
+    """Shortest predicted remaining length first (SRPT), with TRAIL's limited preemption and aging."""
 
     name = "sjf"
     needs_predicted_length = True
@@ -98,6 +119,17 @@ class SJFPolicy(SchedulingPolicy):
         # Starved requests keep their precedence until they finish: else each would be paused again right after
         # it resumed, and wait another max_wait_s per step.
         self.promoted: set[str] = set()
+        # request id -> (tokens generated, estimate, remaining): keys are asked for many times a step, and a
+        # request's remaining length changes only when it generates or is predicted again.
+        self._remaining: dict[str, tuple[int, object, float]] = {}
+
+    def remaining(self, request: Request) -> float:
+        cached = self._remaining.get(request.request_id)
+        state = (request.num_output_tokens, request.length_estimate or request.predicted_length)
+        if cached is None or cached[:2] != state:
+            cached = (*state, remaining_tokens(request))
+            self._remaining[request.request_id] = cached
+        return cached[2]
 
     def on_schedule(self, waiting: list[Request], now: float) -> None:
         self.promoted.update(r.request_id for r in waiting if _starved(r, now, self.config.max_wait_s))
@@ -107,11 +139,17 @@ class SJFPolicy(SchedulingPolicy):
             return (0, request.metrics.arrival_time)
         if request.predicted_length is None and request.num_computed_tokens < request.num_prompt_tokens:
             return (1, request.metrics.arrival_time)  # its prefill, needed anyway, yields its prediction
-        remaining = max(predicted_length(request) - request.num_output_tokens, 0)
-        return (2, remaining, request.metrics.arrival_time)
+        return (2, self.remaining(request), request.metrics.arrival_time)
+
+    def may_preempt(self, request: Request) -> bool:
+        """Limited preemption (TRAIL): a request that has generated sjf_preemption_limit of its predicted length
+        keeps its seat, for it is close to finishing and pausing it would hold its KV for nothing."""
+        generated = request.num_output_tokens
+        return generated < self.config.sjf_preemption_limit * (generated + self.remaining(request))
 
     def forget(self, request: Request) -> None:
         self.promoted.discard(request.request_id)
+        self._remaining.pop(request.request_id, None)
 
 
 @dataclass
@@ -167,14 +205,9 @@ class S3Policy(FCFSPolicy):
     name = "s3"
     needs_predicted_length = True
 
-    @staticmethod
-    def reserved_tokens(request: Request) -> int:
-        """Answer tokens reserved: the prediction, doubled each time the request reaches it unfinished (a
-        misprediction), at most max_tokens."""
-        length = max(predicted_length(request), 1)
-        while length <= request.num_output_tokens and length < request.max_tokens:
-            length *= 2
-        return min(length, request.max_tokens)
+    def reserved_tokens(self, request: Request) -> int:
+        """Answer tokens reserved: those generated and an upper quantile (s3_quantile) of those left."""
+        return request.num_output_tokens + math.ceil(remaining_tokens(request, self.config.s3_quantile))
 
     def can_admit(self, request: Request, running: list[Request], block_manager: BlockManager) -> bool:
         def unheld(r: Request) -> int:  # reserved blocks the request does not hold yet

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from foreseer.core.draft_tree import DraftTree
+from foreseer.core.length_estimate import RemainingLength
 from foreseer.outputs import Logprob, RequestMetrics
 from foreseer.sampling_params import SamplingParams
 
@@ -45,6 +46,7 @@ class Request:
         priority: int = 0,
         seed: int | None = None,
         group: SequenceGroup | None = None,
+        length_hint: int | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -58,6 +60,13 @@ class Request:
         # When it last joined the waiting queue (arrival, or its last preemption): aging policies measure from it.
         self.queued_time = self.metrics.arrival_time
         self.group = group or SequenceGroup()
+        # How many tokens it has left, as last predicted (the remaining-length head), or as the client knows it
+        # (a length hint: the whole answer's length, which no prediction then replaces).
+        self.length_estimate: RemainingLength | None = None
+        self.has_length_hint = length_hint is not None
+        if length_hint is not None:
+            self.length_estimate = RemainingLength.exactly(length_hint)
+            self.group.predicted_length = length_hint
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         # Blocks held; a PREEMPTED request that still holds some is paused and resumes without recompute.
         self.block_table: list[int] = []

@@ -2,8 +2,8 @@
 
 Running requests come first (decodes, then unfinished prefill chunks), then waiting ones, in the policy's order
 (foreseer/core/policies.py), which also may veto an admission. A preemptive policy's better-ranked waiting
-request takes the seat of the worst running one, which is paused: PREEMPTED but holding its KV blocks, so it
-resumes without recompute. When blocks run out, paused requests give theirs up first (the worst ranked first;
+request takes the seat of the worst running one the policy lets go (`may_preempt`), which is paused: PREEMPTED
+but holding its KV blocks, so it resumes without recompute. When blocks run out, paused requests give theirs up first (the worst ranked first;
 they recompute later), then the policy's last running request is preempted: its blocks are freed and it is
 recomputed later (its cached prefix blocks usually survive and are reused).
 
@@ -126,8 +126,10 @@ class Scheduler:
                 continue
             if seats > 0:
                 seats -= 1
-            elif self.running and self._key(request) < self._key(self.running[-1]):
-                self._preempt(self.running[-1], keep_blocks=True)
+                continue
+            victim = next((r for r in reversed(self.running) if self.policy.may_preempt(r)), None)
+            if victim is not None and self._key(request) < self._key(victim):
+                self._preempt(victim, keep_blocks=True)
             else:
                 break
 

@@ -19,6 +19,9 @@ class StepHook:
 
     # The runner then returns the final hidden state of the token each request got last.
     needs_hidden_states: bool = False
+    # Decoder layers (1-based) whose output the runner then returns too, at the same token (output.layer_states).
+    capture_layers: tuple[int, ...] = ()
+    predicts_lengths: bool = False  # it sets requests' predicted lengths (what sjf and s3 rank by)
 
     def before_schedule(self, scheduler: Scheduler) -> None:
         """Before the scheduler picks this step's tokens."""

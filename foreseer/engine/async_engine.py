@@ -113,6 +113,8 @@ class _Add:
     arrival_time: float
     num_sequences: int
     lora_request: LoRARequest | None = None
+    priority: int = 0
+    length_hint: int | None = None
 
 
 @dataclass
@@ -185,9 +187,10 @@ class AsyncLLMEngine:
         await asyncio.to_thread(self._thread.join)
 
     async def add_requests(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
-                           lora_request: LoRARequest | None = None) -> RequestGroup:
-        """Queue one request per prompt (with the LoRA adapter, if any), all or none; returns once the engine
-        accepted them.
+                           lora_request: LoRARequest | None = None, priority: int = 0,
+                           length_hint: int | None = None) -> RequestGroup:
+        """Queue one request per prompt (with the LoRA adapter, if any, the priority and the length hint), all or
+        none; returns once the engine accepted them.
 
         Raises ValueError (the input cannot be served), EngineOverloadedError or EngineNotRunningError.
         """
@@ -206,7 +209,8 @@ class AsyncLLMEngine:
                 raise EngineOverloadedError(f"the server is overloaded: its queue of {self.max_waiting_requests} "
                                             "waiting sequences is full; retry later")
             self._num_queued += num_sequences
-            self._commands.put(_Add(group, list(prompts), params, time.time(), num_sequences, lora_request))
+            self._commands.put(_Add(group, list(prompts), params, time.time(), num_sequences, lora_request,
+                                    priority, length_hint))
         try:
             await group._accepted
         except asyncio.CancelledError:
@@ -272,7 +276,8 @@ class AsyncLLMEngine:
         try:
             for request_id, prompt in zip(group.request_ids, command.prompts):
                 self.engine.add_request(request_id, prompt, command.params, arrival_time=command.arrival_time,
-                                        lora_request=command.lora_request)
+                                        priority=command.priority, lora_request=command.lora_request,
+                                        length_hint=command.length_hint)
                 added.append(request_id)
         except Exception as error:  # a request that cannot be served must never stop this thread
             for request_id in added:

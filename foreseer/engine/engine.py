@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from concurrent.futures import Future
@@ -14,8 +15,8 @@ from foreseer.core.request import Request, SequenceGroup
 from foreseer.core.scheduler import Scheduler
 from foreseer.core.step_hook import StepHook
 from foreseer.engine.detokenizer import IncrementalDetokenizer
-from foreseer.lengths.hook import LengthProbeHook
-from foreseer.lengths.probe import default_probe_dir
+from foreseer.lengths.hook import create_length_hook
+from foreseer.lengths.remaining import default_head_dir
 from foreseer.lora.adapter import LoRAAdapter
 from foreseer.lora.admission import LoRAAdmission
 from foreseer.lora.manager import LoRAManager, LoRAStats
@@ -80,6 +81,12 @@ class _ParentRequest:
                              error=self.error, predicted_length=self.predicted_length)
 
 
+def check_length_hint(length_hint: int | None) -> None:
+    if length_hint is not None and (isinstance(length_hint, bool) or not isinstance(length_hint, int)
+                                    or length_hint < 1):
+        raise ValueError(f"length_hint must be an integer >= 1, got {length_hint!r}")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -90,7 +97,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {context} tokens")
         self.max_model_len = config.max_model_len or context
         self.policy = get_policy(config.scheduler.policy, config.scheduler)
-        probe_dir = self._length_probe_dir()  # before the model loads: a missing probe fails fast
+        length_predictor = self._length_predictor()
         self.tokenizer = load_tokenizer(self.source)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -109,29 +116,52 @@ class LLMEngine:
             self.lora.bind_block_manager(self.block_manager)
             gate = LoRAAdmission(self.lora, config.scheduler.max_wait_s)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.policy, gate=gate)
+        self._gate = gate
         spec = config.speculative_config
         self.speculator = None if spec is None else Speculator.create(
             spec, self.runner, self.block_manager, config.scheduler.max_num_batched_tokens)
-        probe = None if probe_dir is None else LengthProbeHook.load(
-            probe_dir, self.model_config.hidden_size, self.runner.device)
-        self.hooks: list[StepHook] = [hook for hook in (self.speculator, probe) if hook is not None]
-        # Hooks may draw on hidden states the model computes anyway (Medusa heads, the length probe).
-        self.runner.return_hidden_states = any(hook.needs_hidden_states for hook in self.hooks)
+        lengths = None if length_predictor is None else create_length_hook(
+            length_predictor, config.model, self.model_config.hidden_size, self.runner.device,
+            config.length_refresh_tokens)
+        self.hooks: list[StepHook] = []
+        for hook in (self.speculator, lengths):
+            if hook is not None:
+                self.add_hook(hook)
         self.parents: dict[str, _ParentRequest] = {}
         self._sequences: dict[str, tuple[_ParentRequest, _Sequence]] = {}  # child request id -> its place
 
-    def _length_probe_dir(self) -> str | None:
-        """The probe head's directory: the one asked for, else the shipped one if the policy needs predictions."""
-        name = self.config.length_predictor
-        if name is None and self.policy.needs_predicted_length:
+    def reconfigure_scheduler(self, **changes) -> None:
+        """A new scheduler with these SchedulerConfig fields changed (another policy, max_num_seqs, ...), so that
+        runs comparing them share one loaded model; the engine must be idle."""
+        if self.has_unfinished_requests():
+            raise ValueError("reconfigure_scheduler needs an idle engine")
+        config = dataclasses.replace(self.config.scheduler, **changes)
+        policy = get_policy(config.policy, config)
+        if policy.needs_predicted_length and not any(h.predicts_lengths for h in self.hooks):
+            raise ValueError(f"scheduling_policy {policy.name!r} needs a length predictor: start the engine with "
+                             "length_predictor='remaining'")
+        self.config.scheduler, self.policy = config, policy
+        self.scheduler = Scheduler(config, self.block_manager, policy, gate=self._gate)
+
+    def add_hook(self, hook: StepHook) -> None:
+        """Call `hook` around every step from now on, after the hooks added before it."""
+        self.hooks.append(hook)
+        # Hooks may draw on hidden states the model computes anyway (Medusa heads, the length predictor).
+        self.runner.return_hidden_states = any(h.needs_hidden_states for h in self.hooks)
+        self.runner.capture_layers = sorted({layer for h in self.hooks for layer in h.capture_layers})
+
+    def _length_predictor(self) -> str | None:
+        """The length predictor asked for; without one, the shipped remaining-length head if the policy needs it."""
+        if self.config.length_predictor is None and self.policy.needs_predicted_length:
             try:
-                return default_probe_dir(self.config.model)
+                default_head_dir(self.config.model)  # before the model loads: a missing head fails fast
             except ValueError as error:
                 raise ValueError(
                     f"scheduling_policy {self.policy.name!r} needs length_predictor to predict answer lengths, "
-                    f"and none was given: {error}; or give length_predictor=<directory of a trained "
-                    "probe head>") from error
-        return default_probe_dir(self.config.model) if name == "probe" else name
+                    f"and none was given: {error}; or give length_predictor=<directory of a trained head>"
+                ) from error
+            return "remaining"
+        return self.config.length_predictor
 
     @property
     def spec_stats(self) -> SpeculationFigures | None:
@@ -148,8 +178,12 @@ class LLMEngine:
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
         arrival_time: float | None = None, priority: int = 0, lora_request: LoRARequest | None = None,
+        length_hint: int | None = None,
     ) -> None:
-        """Validate and queue a request; raises ValueError (and changes nothing) if it cannot be served."""
+        """Validate and queue a request; raises ValueError (and changes nothing) if it cannot be served.
+
+        `length_hint`: the answer's length in tokens, where the client knows it (e.g. from an earlier run); the
+        length-aware policies then use it instead of a prediction."""
         params = params or SamplingParams()
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -157,6 +191,7 @@ class LLMEngine:
         # With unified memory, the adapter's pages come out of the same KV pool as the request's blocks.
         pages = 0 if lora_request is None else self._lora_manager(lora_request).validate(lora_request)
         max_tokens = self.check_lengths(len(token_ids), params, reserved_blocks=pages)
+        check_length_hint(length_hint)
         if lora_request is not None:  # last: a request refused before holds no adapter
             self.lora.add_user(lora_request)
         sequences = []
@@ -164,7 +199,7 @@ class LLMEngine:
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             request = Request(f"{request_id}#{i}", token_ids, params, max_tokens, self.eos_token_ids,
-                              arrival_time, priority, seed, group)
+                              arrival_time, priority, seed, group, length_hint)
             request.lora_request = lora_request
             request.cache_salt = None if lora_request is None else lora_request.cache_salt
             detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,

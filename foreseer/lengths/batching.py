@@ -42,6 +42,7 @@ class Job:
     max_tokens: int  # resolved against the context
     priority: int = 0
     lora_request: LoRARequest | None = None
+    length_hint: int | None = None  # the answer's length, where the caller knows it
 
 
 @dataclass
@@ -121,7 +122,7 @@ class BatchingStrategy(ABC):
             if padded:  # stop tokens end nothing: the member's end is found in its output (_ended)
                 params = replace(params, ignore_eos=True, stop_token_ids=[])
             engine.add_request(job.request_id, job.prompt, params, priority=job.priority,
-                               lora_request=job.lora_request)
+                               lora_request=job.lora_request, length_hint=job.length_hint)
             by_id[job.request_id] = (job, limit)
         pending = dict(by_id)  # padded: members whose output still lacks its end
         finished: dict[str, RequestOutput] = {}
@@ -272,10 +273,10 @@ class SequenceScheduling(BatchingStrategy):
     name = "seqsched"
 
     # FCR pays a whole recomputation for an answer longer than its bin and only padding for a shorter one, so the
-    # shipped probe predicts an upper quantile of its length distribution here, not its most likely length.
-    DEFAULT_PREDICTOR_OPTIONS: ClassVar[dict[str, dict]] = {"probe": {"quantile": 0.9}}
+    # shipped heads predict an upper quantile of their length distribution here, not its most likely length.
+    DEFAULT_PREDICTOR_OPTIONS: ClassVar[dict[str, dict]] = {"probe": {"quantile": 0.9}, "remaining": {"quantile": 0.9}}
 
-    def __init__(self, predictor: str | LengthPredictor = "probe", group_size: int = 256, bin_width: int = 50,
+    def __init__(self, predictor: str | LengthPredictor = "remaining", group_size: int = 256, bin_width: int = 50,
                  fcr: bool = True, vbs: bool = True, batch_size: int | None = None,
                  predictor_options: dict | None = None, padded: bool = False) -> None:
         super().__init__()
@@ -301,18 +302,26 @@ class SequenceScheduling(BatchingStrategy):
             began = time.perf_counter()
             predicted = predictor.predict([j.prompt_token_ids for j in group])
             self.stats.prediction_s += time.perf_counter() - began
-            failures = []
+            failures: list[tuple[Job, RequestOutput]] = []
             for batch, limits in self._batches(llm, group, predicted, fixed):
                 for job, limit, output in self._run_batch(llm, batch, limits, self.padded):
                     if limit < job.max_tokens and any(c.finish_reason == "length" for c in output.outputs):
-                        failures.append(job)
+                        failures.append((job, output))
                     else:
                         self._emit(output, on_output)
-            # Failure Collection and Recomputation: the cut-off queries, again from the start, with full limits.
-            self.stats.recomputed.extend(job.request_id for job in failures)
-            for start_failed in range(0, len(failures), fixed):
-                for _, _, output in self._run_batch(llm, failures[start_failed:start_failed + fixed],
-                                                    padded=self.padded):
+            # Failure Collection and Recomputation: the cut-off queries, again from the start, with full limits,
+            # re-binned by their whole length as predicted again from the answer they got so far, where the
+            # predictor can (else in arrival order, in static batches).
+            self.stats.recomputed.extend(job.request_id for job, _ in failures)
+            failed = [job for job, _ in failures]
+            began = time.perf_counter()
+            refined = predictor.refine([job.prompt_token_ids for job in failed],
+                                       [output.outputs[0].token_ids for _, output in failures]) if failed else None
+            self.stats.prediction_s += time.perf_counter() - began
+            batches = ([failed[i:i + fixed] for i in range(0, len(failed), fixed)] if refined is None else
+                       [batch for batch, _ in self._batches(llm, failed, refined, fixed, cut=False)])
+            for batch in batches:
+                for _, _, output in self._run_batch(llm, batch, padded=self.padded):
                     self._emit(output, on_output)
 
     def _predictor(self, llm: LLM) -> LengthPredictor:
@@ -323,12 +332,13 @@ class SequenceScheduling(BatchingStrategy):
             return create_predictor(self.predictor, llm, **options)
         return self.predictor
 
-    def _batches(self, llm: LLM, group: list[Job], predicted: list[int],
-                 fixed: int) -> list[tuple[list[Job], list[int]]]:
+    def _batches(self, llm: LLM, group: list[Job], predicted: list[int], fixed: int,
+                 cut: bool = True) -> list[tuple[list[Job], list[int]]]:
         """Batches cut from the group in predicted order, with each member's generation limit.
 
-        A batch's limit is the upper bin edge of its longest predicted member (with FCR, every member's limit;
-        a member of a shorter bin may use the longer edge at no cost, since the batch runs that long anyway).
+        A batch's limit is the upper bin edge of its longest predicted member (with FCR and `cut`, every
+        member's limit; a member of a shorter bin may use the longer edge at no cost, since the batch runs that
+        long anyway; else each member's max_tokens).
         With VBS a batch takes queries as long as the KV cache holds them all at that limit, else `fixed` of
         them. A bin's last few queries join the next bin's batch rather than run as a small batch of their own:
         a decode step reads every weight whatever the number of rows, so a token costs several times more in a
@@ -347,7 +357,7 @@ class SequenceScheduling(BatchingStrategy):
         if members:
             batches.append((members, bin_edge(members[-1])))
         return [([group[i] for i in batch],
-                 [min(edge, group[i].max_tokens) if self.fcr else group[i].max_tokens for i in batch])
+                 [min(edge, group[i].max_tokens) if self.fcr and cut else group[i].max_tokens for i in batch])
                 for batch, edge in batches]
 
     def _fits(self, llm: LLM, batch: list[Job], edge: int, fixed: int) -> bool:

@@ -1,4 +1,5 @@
-"""Prompt features for length prediction: the model's own final hidden state at the last prompt token.
+"""Prompt features for length prediction: the model's own hidden state at the last prompt token (the final one,
+or one decoder layer's output).
 
 This is the state the engine computes anyway at the end of a prefill (its lm_head reads it to sample the first
 token), so a probe on it costs a few small matmuls at serving time. Here it is computed outside the scheduler,
@@ -18,8 +19,10 @@ from foreseer.worker.inputs import Segment
 
 
 @torch.inference_mode()
-def prompt_hidden_states(engine, prompts: Sequence[Sequence[int]], max_batch_tokens: int | None = None) -> torch.Tensor:
-    """[len(prompts), hidden] float32 on the CPU: the final (post-norm) hidden state of each prompt's last token.
+def prompt_hidden_states(engine, prompts: Sequence[Sequence[int]], max_batch_tokens: int | None = None,
+                         layer: int | None = None) -> torch.Tensor:
+    """[len(prompts), hidden] float32 on the CPU: the final (post-norm) hidden state of each prompt's last token,
+    or with `layer`, that decoder layer's output there.
 
     Prompts are prefilled together, up to `max_batch_tokens` tokens per forward pass (default: the engine's
     step budget; a longer prompt runs alone).
@@ -33,12 +36,12 @@ def prompt_hidden_states(engine, prompts: Sequence[Sequence[int]], max_batch_tok
     num_tokens = 0
     for index, prompt in enumerate(prompts):
         if batch and num_tokens + len(prompt) > budget:
-            out[batch] = _prefill_last_hidden(engine, [prompts[i] for i in batch])
+            out[batch] = _prefill_last_hidden(engine, [prompts[i] for i in batch], layer)
             batch, num_tokens = [], 0
         batch.append(index)
         num_tokens += len(prompt)
     if batch:
-        out[batch] = _prefill_last_hidden(engine, [prompts[i] for i in batch])
+        out[batch] = _prefill_last_hidden(engine, [prompts[i] for i in batch], layer)
     return out
 
 
@@ -54,7 +57,7 @@ def _check_prompts(engine, prompts: Sequence[Sequence[int]]) -> None:
             raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than the context or the KV cache holds")
 
 
-def _prefill_last_hidden(engine, prompts: list[Sequence[int]]) -> torch.Tensor:
+def _prefill_last_hidden(engine, prompts: list[Sequence[int]], layer: int | None) -> torch.Tensor:
     runner, blocks = engine.runner, engine.block_manager
     holders = [Request(f"lengths-features-{i}", list(p), SamplingParams(max_tokens=1), 1, set())
                for i, p in enumerate(prompts)]
@@ -65,7 +68,7 @@ def _prefill_last_hidden(engine, prompts: list[Sequence[int]]) -> torch.Tensor:
                                  "a smaller max_batch_tokens, or call when the engine is idle")
         order = sorted(range(len(holders)), key=lambda i: holders[i].num_tokens > 1)  # one-token prompts first
         segments = [Segment(holders[i].token_ids, 0, holders[i].block_table) for i in order]
-        last = runner.forward_segments(runner.model, segments).float().cpu()
+        last = runner.forward_segments(runner.model, segments, layer=layer).float().cpu()
         # The prompts' KV is in the cache now: their full blocks join the prefix cache, so that generating
         # for the same prompts soon after reuses this prefill instead of computing it again.
         for holder in holders:

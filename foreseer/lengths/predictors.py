@@ -12,6 +12,7 @@ import torch
 
 from foreseer.lengths.features import prompt_hidden_states
 from foreseer.lengths.probe import ProbeHead, default_probe_dir
+from foreseer.lengths.remaining import RemainingHead, default_head_dir
 from foreseer.lora import LoRARequest
 from foreseer.sampling_params import SamplingParams
 
@@ -53,6 +54,11 @@ class LengthPredictor(ABC):
     @abstractmethod
     def predict(self, prompts: Sequence[Sequence[int]]) -> list[int]:
         """Chat-templated prompt token ids -> predicted maximum answer length in tokens, one per prompt."""
+
+    def refine(self, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> list[int] | None:
+        """The whole answer's length predicted again once `outputs` (the answer so far) are generated; None if
+        this predictor reads only the prompt."""
+        return None
 
 
 PREDICTORS: dict[str, type[LengthPredictor]] = {}
@@ -263,3 +269,40 @@ class ProbePredictor(LengthPredictor):
     def predict_from_hidden(self, hidden: torch.Tensor, prompt_lengths: Sequence[int]) -> list[int]:
         """From hidden states the engine's prefill already computed: the whole cost of the probe at serving time."""
         return self.head.predict(hidden, torch.tensor(prompt_lengths), self.quantile)
+
+
+@register
+class RemainingPredictor(LengthPredictor):
+    """The remaining-length head (foreseer/lengths/remaining.py) before generation: one prefill per prompt, the
+    head read at its last token; `refine` reads it again after part of the answer."""
+
+    name = "remaining"
+
+    def __init__(self, llm, head: RemainingHead, quantile: float | None = None) -> None:
+        if head.config.hidden_size != llm.engine.model_config.hidden_size:
+            raise ValueError(f"remaining-length head is for hidden size {head.config.hidden_size}, the model has "
+                             f"{llm.engine.model_config.hidden_size}")
+        if quantile is not None and not 0 < quantile < 1:
+            raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+        self.llm = llm
+        self.head = head
+        self.quantile = quantile  # None: the mean of the predicted distribution; else that upper quantile
+
+    @classmethod
+    def create(cls, llm, weights_dir: str | None = None, quantile: float | None = None) -> RemainingPredictor:
+        """The head in weights_dir, by default the one shipped for the engine's model."""
+        directory = weights_dir or default_head_dir(llm.engine.config.model)
+        return cls(llm, RemainingHead.load(directory, llm.engine.model_config.hidden_size), quantile)
+
+    def predict(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        return self.refine(prompts, [[] for _ in prompts])
+
+    def refine(self, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> list[int]:
+        sequences = [list(p) + list(o) for p, o in zip(prompts, outputs)]
+        hidden = prompt_hidden_states(self.llm.engine, sequences, layer=self.head.config.layer)
+        generated = torch.tensor([len(o) for o in outputs])
+        estimates = self.head.predict(hidden, generated, torch.tensor([len(p) for p in prompts]))
+        cap = self.head.config.edges[-1]
+        return [max(round(len(o) + (e.mean(len(o), cap) if self.quantile is None
+                                    else e.quantile(self.quantile, len(o), cap))), 1)
+                for o, e in zip(outputs, estimates)]

@@ -11,8 +11,6 @@ The head is a few hundred KB, saved as safetensors plus a JSON config that recor
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from foreseer.lengths.head_files import load_head_files, save_head
 
 CONFIG_FILE = "probe_config.json"
 WEIGHTS_FILE = "probe_head.safetensors"
@@ -110,36 +110,14 @@ class ProbeHead(nn.Module):
 
     def save(self, directory: str) -> None:
         """probe_config.json and probe_head.safetensors (fp32: the head is small)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump(dataclasses.asdict(self.config), f, indent=2)
-            f.write("\n")
-        path = os.path.join(directory, WEIGHTS_FILE)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path)
-        os.chmod(path, 0o644)  # safetensors creates it owner-only; shipped weights must be readable by every user
+        save_head(self, self.config, directory, CONFIG_FILE, WEIGHTS_FILE)
 
     @classmethod
     def load(cls, directory: str, hidden_size: int | None = None) -> ProbeHead:
         """A head saved by `save`; with hidden_size, checks that it fits the base model."""
-        from safetensors.torch import load_file
-
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise ValueError(f"probe directory {directory!r} has no {name}")
-        with open(os.path.join(directory, CONFIG_FILE)) as f:
-            raw = json.load(f)
-        fields = {f.name for f in dataclasses.fields(ProbeConfig)}
-        unknown = set(raw) - fields
-        if unknown:
-            raise ValueError(f"{CONFIG_FILE} in {directory!r} has unknown fields {sorted(unknown)}")
-        config = ProbeConfig(**raw)
-        if hidden_size is not None and config.hidden_size != hidden_size:
-            raise ValueError(f"probe in {directory!r} is for hidden size {config.hidden_size}, the model has "
-                             f"{hidden_size}")
+        config, weights = load_head_files(directory, ProbeConfig, CONFIG_FILE, WEIGHTS_FILE, "probe", hidden_size)
         head = cls(config)
-        head.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE)))
+        head.load_state_dict(weights)
         return head.eval()
 
 

@@ -117,6 +117,15 @@ class LlamaForCausalLM(nn.Module):
             torch.mm(hidden, weight[start:end].t(), out=logits[:, start:end])
         return logits.float()
 
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @staticmethod
+    def residual_stream(layer_output: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The hidden state after a decoder layer, from what it returns (its output and the residual before it)."""
+        x, residual = layer_output
+        return x + residual
+
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 

@@ -153,7 +153,7 @@ class _Server:
         lora_request = self._check_request(body)
         params = self._sampling_params(body, body.max_tokens, body.logprobs, {})
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        group = await self._submit(request_id, body.prompts(), params, "prompt", "max_tokens", lora_request)
+        group = await self._submit(request_id, body.prompts(), params, "prompt", "max_tokens", lora_request, body)
         created = int(time.time())
         if body.stream:
             return _event_stream(self._completion_events(group, body, request_id, created), group)
@@ -183,7 +183,7 @@ class _Server:
                                        {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"})
         prompt = self._render_chat(body)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        group = await self._submit(request_id, [prompt], params, "messages", max_tokens_param, lora_request)
+        group = await self._submit(request_id, [prompt], params, "messages", max_tokens_param, lora_request, body)
         created = int(time.time())
         if body.stream:
             return _event_stream(self._chat_events(group, body, request_id, created, num_top), group)
@@ -318,10 +318,11 @@ class _Server:
         return list(encoded["input_ids"])
 
     async def _submit(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams,
-                      prompt_param: str, max_tokens_param: str,
-                      lora_request: LoRARequest | None = None) -> RequestGroup:
+                      prompt_param: str, max_tokens_param: str, lora_request: LoRARequest | None,
+                      body: CompletionRequest | ChatCompletionRequest) -> RequestGroup:
         try:
-            return await self.engine.add_requests(request_id, prompts, params, lora_request)
+            return await self.engine.add_requests(request_id, prompts, params, lora_request, body.priority,
+                                                  body.length_hint)
         except ValueError as error:  # the engine's own checks: empty prompt, too long, max_tokens beyond context
             message = str(error)
             param = max_tokens_param if "max_tokens" in message else prompt_param

@@ -52,6 +52,10 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # vLLM's: lower values are served first under --scheduling-policy priority
+    priority: int = Field(0, ge=-(2**63), lt=2**63)
+    # Foreseer's: the answer's length in tokens where the client knows it; sjf and s3 then use it, not a prediction
+    length_hint: int | None = Field(None, ge=1, lt=2**63)
 
     def unsupported(self) -> str | None:
         """The name of a field set to something this server cannot do, if any."""

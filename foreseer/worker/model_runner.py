@@ -70,7 +70,32 @@ class ModelRunner:
         self.lora: LoRAManager | None = None  # the engine's, when it serves adapters: each step's adapter batch
         self.sampler = Sampler(config.seed)
         self.num_computed_tokens_total = 0  # tokens run through the model so far (prefill and decode)
-        self.return_hidden_states = False  # set when a draft proposer reads the target's hidden states
+        self.return_hidden_states = False  # set when a step hook reads the target's hidden states
+        self._captured: dict[int, torch.Tensor] = {}  # decoder layer (1-based) -> its output this step
+        self._capture_handles: list = []
+
+    @property
+    def capture_layers(self) -> tuple[int, ...]:
+        """Decoder layers (1-based) whose output (the residual stream after them) each step returns, at the same
+        tokens as the final hidden states: the states a length predictor reads, which the forward computes anyway."""
+        return tuple(sorted(self._captured))
+
+    @capture_layers.setter
+    def capture_layers(self, layers: Sequence[int]) -> None:
+        decoder_layers = self.model.decoder_layers()
+        for layer in layers:
+            if not 1 <= layer <= len(decoder_layers):
+                raise ValueError(f"capture layer {layer!r} is not in [1, {len(decoder_layers)}]")
+        for handle in self._capture_handles:
+            handle.remove()
+        self._captured = dict.fromkeys(layers)
+        self._capture_handles = [decoder_layers[layer - 1].register_forward_hook(self._capture_hook(layer))
+                                 for layer in self._captured]
+
+    def _capture_hook(self, layer: int) -> Callable:
+        def capture(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+            self._captured[layer] = self.model.residual_stream(output)
+        return capture
 
     def kv_bytes_per_block(self) -> int:
         cfg = self.model_config
@@ -123,16 +148,22 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
         tokens, paths, logprobs = self.sampler(logits, sample_requests, sample_drafts)
         self._pack_accepted_kv(batch.sample_slots, paths)
-        hidden_states = {}
-        if self.return_hidden_states:
-            first_row = 0
-            for request, draft, path in zip(sample_requests, sample_drafts, paths):
-                last_row = first_row + (path[-1] + 1 if path else 0)  # the row that gave the last emitted token
-                hidden_states[request.request_id] = hidden[sample_index[last_row]].clone()
+        hidden_states, layer_states = {}, {}
+        if self.return_hidden_states or self._captured:
+            rows, first_row = [], 0
+            for draft, path in zip(sample_drafts, paths):
+                rows.append(sample_index[first_row + (path[-1] + 1 if path else 0)])  # gave the last emitted token
                 first_row += len(draft) + 1
+            rows = self._tensor(rows)
+            if self.return_hidden_states:
+                hidden_states = dict(zip((r.request_id for r in sample_requests), hidden[rows]))
+            if self._captured:  # one gather per layer; each request gets views of its row
+                gathered = {n: out[rows] for n, out in self._captured.items()}
+                layer_states = {r.request_id: {n: states[i] for n, states in gathered.items()}
+                                for i, r in enumerate(sample_requests)}
         return ModelRunnerOutput(
             sampled={r.request_id: t for r, t in zip(sample_requests, tokens)}, logprobs=logprobs,
-            hidden_states=hidden_states,
+            hidden_states=hidden_states, layer_states=layer_states,
         )
 
     def _pack_accepted_kv(self, slots: list[list[int]], paths: list[list[int]]) -> None:
@@ -158,14 +189,26 @@ class ModelRunner:
         return load_model(model_config, source, self.device, self.dtype, self.config.weight_format), model_config
 
     @torch.inference_mode()
-    def forward_segments(self, model: nn.Module, segments: Sequence[Segment], max_decode_run: int = 1
-                         ) -> torch.Tensor:
+    def forward_segments(self, model: nn.Module, segments: Sequence[Segment], max_decode_run: int = 1,
+                         layer: int | None = None) -> torch.Tensor:
         """Run `model` (the target, or a draft over its own or the target's cache) over the segments, outside any
-        scheduled step; returns the final hidden states of the rows each segment samples from, in order."""
+        scheduled step; returns the final hidden states of the rows each segment samples from, in order (with
+        `layer`, the target's: that decoder layer's output at those rows)."""
         batch = prepare_batch(segments, self.block_size, self.device, max_decode_run)
-        with forward_context(self.backend, batch.metadata):
-            hidden = model(batch.input_ids, batch.positions)
-        return hidden[torch.tensor(batch.sample_index, device=self.device)]
+        rows = torch.tensor(batch.sample_index, device=self.device)
+        if layer is None:
+            with forward_context(self.backend, batch.metadata):
+                return model(batch.input_ids, batch.positions)[rows]
+        if model is not self.model:
+            raise ValueError("layer outputs are captured from the target model only")
+        capturing = self.capture_layers
+        self.capture_layers = sorted({*capturing, layer})
+        try:
+            with forward_context(self.backend, batch.metadata):
+                model(batch.input_ids, batch.positions)
+            return self._captured[layer][rows]
+        finally:
+            self.capture_layers = capturing
 
     def measure_step_costs(self, token_counts: Sequence[int], model: nn.Module | None = None,
                            compute_logits: Callable | None = None) -> StepCostModel:

@@ -13,7 +13,9 @@ import time
 
 from foreseer.bench.data import DEFAULT_DATASET
 from foreseer.commands import add_engine_arguments, make_llm
+from foreseer.lengths.remaining import HeadTrainConfig
 from foreseer.training.lengths.dataset import MAX_TOKENS, TEMPERATURES
+from foreseer.training.lengths.traces import TraceConfig
 
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -37,10 +39,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--sampling-seed", type=int, default=0, help="seed of the answers' sampling")
     build.set_defaults(lengths_main=cmd_build)
 
+    traces = commands.add_parser("traces", help="generate answers and record the remaining-length head's training "
+                                 "states at every position (resumable)")
+    traces.add_argument("--output", required=True, help="JSONL file of records; shards of states go beside it")
+    traces.add_argument("--dataset", default=DEFAULT_DATASET, help="ShareGPT-format JSON file of the prompts")
+    traces.add_argument("--num-prompts", type=int, default=2400, help="ShareGPT conversations to take")
+    traces.add_argument("--skip-prompts", type=int, default=2000,
+                        help="dataset conversations to skip first (the benchmarks use the first ones)")
+    traces.add_argument("--layers", type=int, nargs="+", default=list(TraceConfig.layers),
+                        help="decoder layers (1-based) whose output is recorded")
+    traces.add_argument("--max-tokens-cap", type=int, default=TraceConfig.max_tokens_cap,
+                        help="each answer's max_tokens is its ShareGPT answer's length, at most this")
+    traces.add_argument("--max-prompt-tokens", type=int, default=TraceConfig.max_prompt_tokens,
+                        help="longer questions are shortened to fit")
+    traces.add_argument("--max-prompts-in-flight", type=int, default=TraceConfig.max_prompts_in_flight,
+                        help="answers generating together")
+    traces.set_defaults(lengths_main=cmd_traces)
+
     train = commands.add_parser("train", help="train a predictor on the train split")
-    train.add_argument("--predictor", choices=["probe", "lora"], default="probe",
-                       help="probe: a head on the hidden state; lora: an adapter that makes the model state the length")
-    train.add_argument("--data", required=True, help="JSONL file written by `lengths build`")
+    train.add_argument("--predictor", choices=["remaining", "probe", "lora"], default="remaining",
+                       help="remaining: the remaining-length head on a layer's output, from traces; probe: a head on "
+                       "the prompt's hidden state; lora: an adapter that makes the model state the length")
+    train.add_argument("--data", required=True,
+                       help="JSONL file written by `lengths traces` (remaining) or `lengths build` (probe, lora)")
     train.add_argument("--output-dir", default=None, help="default: the shipped directory of --model's predictor")
     train.add_argument("--train-seed", type=int, default=0, help="seed of the initialization and the batches")
     train.add_argument("--output-json", default=None, help="write the training record to this JSON file")
@@ -52,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     probe.add_argument("--epochs", type=int, default=300, help="full-batch AdamW steps")
     probe.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     probe.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    remaining = train.add_argument_group("remaining")
+    remaining.add_argument("--layers", type=int, nargs="+", default=None,
+                           help="recorded layers to choose from on the dev prompts (default: all recorded)")
+    remaining.add_argument("--head-epochs", type=int, default=HeadTrainConfig.epochs, help="passes over the positions")
+    remaining.add_argument("--head-dim", type=int, default=256, help="MLP width")
     lora = train.add_argument_group("lora (Hugging Face transformers + peft, fp32; then validated through the engine)")
     lora.add_argument("--lora-rank", type=int, default=8, help="the adapter's rank")
     lora.add_argument("--lora-alpha", type=int, default=16, help="the adapter's scale numerator (alpha / rank)")
@@ -62,6 +88,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora-batch-size", type=int, default=8, help="examples per step, batched by similar length")
     lora.add_argument("--limit", type=int, default=None, help="train on the first N train records (a trial run)")
     train.set_defaults(lengths_main=cmd_train)
+
+    compare = commands.add_parser("compare", help="score length predictors on the validation prompts of traces: at "
+                                  "the end of the prefill and after --at-tokens generated tokens")
+    compare.add_argument("--data", required=True, help="JSONL file written by `lengths traces`")
+    compare.add_argument("--predictors", nargs="+", default=["remaining", "probe", "max_tokens", "oracle"],
+                         help="remaining, probe, pia, lora (registered predictors), max_tokens (the cap alone), "
+                         "oracle (the realized lengths)")
+    compare.add_argument("--at-tokens", type=int, default=64,
+                         help="score the refined prediction after this many generated tokens")
+    compare.add_argument("--limit", type=int, default=None, help="score the first N validation prompts")
+    compare.add_argument("--output-json", default=None, help="write the table to this JSON file")
+    compare.set_defaults(lengths_main=cmd_compare)
 
     evaluate = commands.add_parser("eval", help="score a predictor on the validation split")
     evaluate.add_argument("--predictor", required=True, help="a registered predictor: pia, lora, probe, constant")
@@ -74,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--output-json", default=None, help="write the report to this JSON file")
     evaluate.set_defaults(lengths_main=cmd_eval)
 
-    for sub in (build, train, evaluate):
+    for sub in (build, traces, train, compare, evaluate):
         sub.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                          help="share of prompts in the validation split (by a hash of the prompt id)")
         sub.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -109,6 +147,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0 if not summary.num_failed else 1
 
 
+def cmd_traces(args: argparse.Namespace) -> int:
+    from foreseer.training.lengths.traces import build_traces, sharegpt_trace_prompts
+
+    config = TraceConfig(tuple(args.layers), args.max_tokens_cap, args.max_prompt_tokens, args.max_prompts_in_flight)
+    llm = _setup(args)
+    prompts = sharegpt_trace_prompts(llm.engine.tokenizer, args.dataset, args.num_prompts, args.skip_prompts,
+                                     config.max_tokens_cap)
+    summary = build_traces(llm, prompts, args.output, config)
+    print(json.dumps(summary, indent=2))
+    return 0 if not summary["num_failed"] else 1
+
+
 def _load_split(args: argparse.Namespace):
     from foreseer.training.lengths.dataset import load_records, split_records
 
@@ -121,6 +171,8 @@ def _load_split(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     if args.predictor == "lora":
         return _train_lora(args)
+    if args.predictor == "remaining":
+        return _train_remaining(args)
     import torch
 
     from foreseer.lengths.features import prompt_hidden_states
@@ -155,6 +207,119 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.output_json:
         write_json(dataclasses.asdict(head.config), args.output_json)
     return 0
+
+
+def _trace_split(args: argparse.Namespace):
+    from foreseer.training.lengths.remaining import split_traces
+    from foreseer.training.lengths.traces import load_trace_records
+
+    train, dev, val = split_traces(load_trace_records(args.data), args.val_fraction)
+    if len(train) < 2 or not dev or not val:
+        raise ValueError(f"{args.data} has {len(train)} train, {len(dev)} dev and {len(val)} validation prompts; "
+                         "too few")
+    return train, dev, val
+
+
+def _recorded_layers(args: argparse.Namespace, record) -> list[int]:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(os.path.dirname(os.path.abspath(args.data)), record.shard), "pt") as f:
+        return sorted(int(name.removeprefix("layer_")) for name in f.keys())
+
+
+def _train_remaining(args: argparse.Namespace) -> int:
+    """Choose the layer on the dev prompts, train on the train prompts, score on the validation prompts."""
+    import torch
+
+    from foreseer.lengths.remaining import default_head_dir
+    from foreseer.training.lengths.evaluate import write_json
+    from foreseer.training.lengths.remaining import choose_layer, fit_head, load_examples, score_head
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    train, dev, val = _trace_split(args)
+    layers = args.layers or _recorded_layers(args, train[0])
+    hidden_size = load_examples(args.data, train[:1], layers[0]).hidden.shape[1]
+    config = HeadTrainConfig(epochs=args.head_epochs, seed=args.train_seed)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    start = time.perf_counter()
+    layer, dev_scores = (layers[0], {}) if len(layers) == 1 else choose_layer(
+        args.data, train, dev, layers, hidden_size, config, args.head_dim, log)
+    choose_s = time.perf_counter() - start
+    start = time.perf_counter()
+    head = fit_head(args.data, train + dev, layer, hidden_size, config, args.head_dim, args.model)
+    train_s = time.perf_counter() - start
+    scores = score_head(head, val, load_examples(args.data, val, layer))
+    positions = sum(r.output_length for r in train + dev)
+    head.config.training = {
+        "command": _command_line(),
+        "dataset": {"path": os.path.basename(args.data), "train_prompts": len(train) + len(dev),
+                    "dev_prompts": len(dev), "val_prompts": len(val), "train_positions": positions,
+                    "censored_share": sum(r.censored for r in train + dev + val) / len(train + dev + val),
+                    "generation_s": round(sum(r.generation_s for r in train + dev + val), 1)},
+        "train": dataclasses.asdict(config), "layer": layer, "dev_scores_by_layer": dev_scores,
+        "val_scores": dataclasses.asdict(scores),
+        "time_s": {"choose_layer": round(choose_s, 1), "train": round(train_s, 1)},
+    }
+    output_dir = args.output_dir or default_head_dir(args.model)
+    head.save(output_dir)
+    print(json.dumps({"output_dir": output_dir, **head.config.training}, indent=2))
+    if args.output_json:
+        write_json(dataclasses.asdict(head.config), args.output_json)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Each predictor's scores on the validation prompts, and its cost per request."""
+    from foreseer.lengths.predictors import create_predictor
+    from foreseer.training.lengths.evaluate import write_json
+    from foreseer.training.lengths.remaining import score_predictions
+
+    _, _, val = _trace_split(args)
+    val = val[:args.limit] if args.limit is not None else val
+    if "lora" in args.predictors:
+        from foreseer.training.lengths.lora import default_adapter_dir
+
+        _enable_lora(args, _adapter_rank(default_adapter_dir(args.model)))
+    llm = _setup(args)
+    at = args.at_tokens
+    prompts = [r.prompt_token_ids for r in val]
+    outputs = _answer_prefixes(llm, val, at)
+    rows = {}
+    for name in args.predictors:
+        start = time.perf_counter()
+        refined = None
+        if name == "oracle":
+            prefill = [r.output_length for r in val]
+        elif name == "max_tokens":
+            prefill = [r.max_tokens for r in val]
+        else:
+            predictor = create_predictor(name, llm)
+            prefill = predictor.predict(prompts)
+            long = [i for i, r in enumerate(val) if r.output_length > at]
+            refined = predictor.refine([prompts[i] for i in long], [outputs[i] for i in long])
+            refined = None if refined is None else dict(zip(long, refined))
+        seconds = time.perf_counter() - start
+        # A prompt-only prediction counts down; a refined one is read again after `at` tokens.
+        later = [None if r.output_length <= at else
+                 max(min((refined[i] if refined else max(p, at + 1)), r.max_tokens) - at, 1)
+                 for i, (p, r) in enumerate(zip(prefill, val))]
+        rows[name] = {**score_predictions(val, prefill, at, later),
+                      "ms_per_request": round(1e3 * seconds / len(val), 2)}
+        print(json.dumps({name: rows[name]}), flush=True)
+    table = {"command": _command_line(), "val_prompts": len(val), "rows": rows}
+    if args.output_json:
+        write_json(table, args.output_json)
+    return 0
+
+
+def _answer_prefixes(llm, records, count: int) -> list[list[int]]:
+    """The first `count` tokens of each recorded answer, generated again (greedy, as recorded)."""
+    from foreseer.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=count)
+    outputs = llm.generate([r.prompt_token_ids for r in records], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
 
 
 def _train_lora(args: argparse.Namespace) -> int:

@@ -143,7 +143,7 @@ def build(llm, questions: Sequence[tuple[str, str]], path: str, config: BuildCon
     ids = [i for i, _ in questions]
     if len(set(ids)) != len(ids):
         raise ValueError("question ids must be unique")
-    _drop_partial_last_line(path)
+    drop_partial_last_line(path)
     done = {r.id for r in load_records(path)} if os.path.isfile(path) else set()
     todo = [(i, q) for i, q in questions if i not in done]
     engine = llm.engine
@@ -208,7 +208,7 @@ def _submit(engine, item: tuple[str, str], config: BuildConfig, in_flight: dict)
     return True
 
 
-def _drop_partial_last_line(path: str) -> None:
+def drop_partial_last_line(path: str) -> None:
     """A build killed mid-write leaves a partial last line; cut it so the file is valid JSONL again."""
     if not os.path.isfile(path):
         return
