@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from foreseer import LLM
+from foreseer import LLM, SamplingParams
 from foreseer.cli import main
 from foreseer.lengths.features import prompt_hidden_states
 from foreseer.lengths.predictors import (
@@ -389,3 +389,19 @@ def test_shipped_probe_on_the_real_model(real_llm):
     predicted = predictor.predict(prompts)
     assert len(predicted) == 4 and all(1 <= n <= 512 for n in predicted)
     assert predicted == predictor.predict(prompts)  # deterministic
+
+
+def test_shipped_remaining_head_on_the_real_model(real_llm):
+    from foreseer.lengths.remaining import CONFIG_FILE, default_head_dir
+
+    config = json.load(open(os.path.join(default_head_dir("smollm2-135m-instruct"), CONFIG_FILE)))
+    assert config["training"]["dataset"]["train_prompts"] > 0 and config["training"]["command"]
+    assert 1 <= config["layer"] <= 30
+    predictor = create_predictor("remaining", real_llm, quantile=0.5)
+    questions = ["Say hi.", "Write a detailed essay about the history of the Roman Empire, century by century."]
+    prompts = [real_llm.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    short, essay = predictor.predict(prompts)
+    assert 1 <= short < essay  # the head orders an obvious pair
+    answer = real_llm.generate(prompts[1:], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0]
+    (refined,) = predictor.refine(prompts[1:], [answer.outputs[0].token_ids])
+    assert refined > 32  # the whole answer, predicted again after 32 of its tokens

@@ -1,9 +1,11 @@
 """Scheduling policies on a burst: every request arrives at once, and each policy decides who waits.
 
 One engine (one loaded model), a new scheduler per policy and seat count (max_num_seqs), the same prompts:
-ShareGPT questions, each with max_tokens = the length of its ShareGPT answer (at most a cap), greedy. fcfs runs
-first at each seat count: its answers are the reference (every policy must give the same ones) and their
-lengths feed `sjf-oracle`, which is sjf with each request's true length given as a length hint. Per row:
+ShareGPT questions, each with max_tokens = the length of its ShareGPT answer (at most a cap), greedy. The first
+policy at each seat count (fcfs by default) gives the reference answers (every policy must give the same ones),
+whose lengths feed `sjf-oracle`: sjf with each request's true length given as a length hint. In a burst, aging
+(`max_wait_s`) should be longer than the run, else every request waiting that long is promoted and sjf turns into
+fcfs. Per row:
 mean, p50 and p99 latency (arrival to last token), mean time to first token and the longest wait for it,
 throughput, preemptions, and the length predictor's share of the run's time. Each length-aware row also
 reports its share of the oracle's gain: (fcfs - row) / (fcfs - oracle) of the mean latency.
@@ -59,7 +61,10 @@ def run(llm: LLM, args: PolicyBurstArgs) -> dict:
     unknown = [p for p in args.policies if p != ORACLE and p not in SCHEDULING_POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; available: {', '.join([*sorted(SCHEDULING_POLICIES), ORACLE])}")
-    policies = ["fcfs"] + [p for p in args.policies if p != "fcfs"]
+    # The first row's answers are the reference (every policy gives the same ones) and the oracle's lengths.
+    policies = list(dict.fromkeys(args.policies))
+    if not policies or policies[0] == ORACLE:
+        policies.insert(0, "fcfs")
     budgets = sharegpt_answer_budgets(llm.tokenizer, args.dataset, args.num_prompts, args.skip_prompts,
                                       args.max_tokens_cap)
     prompts = [chat_prompt_ids(llm.tokenizer, question, args.max_prompt_tokens) for _, question, _ in budgets]
@@ -101,7 +106,9 @@ def run(llm: LLM, args: PolicyBurstArgs) -> dict:
 
 def _oracle_shares(rows: dict, seats: int) -> None:
     """Each row's share of the oracle's mean-latency reduction over fcfs, and its p99 against fcfs's."""
-    fcfs, oracle = rows[f"fcfs@{seats}"], rows.get(f"{ORACLE}@{seats}")
+    fcfs, oracle = rows.get(f"fcfs@{seats}"), rows.get(f"{ORACLE}@{seats}")
+    if fcfs is None:
+        return
     for row in rows.values():
         if row["seats"] != seats:
             continue

@@ -3,9 +3,9 @@
 Running requests come first (decodes, then unfinished prefill chunks), then waiting ones, in the policy's order
 (foreseer/core/policies.py), which also may veto an admission. A preemptive policy's better-ranked waiting
 request takes the seat of the worst running one the policy lets go (`may_preempt`), which is paused: PREEMPTED
-but holding its KV blocks, so it resumes without recompute. When blocks run out, paused requests give theirs up first (the worst ranked first;
-they recompute later), then the policy's last running request is preempted: its blocks are freed and it is
-recomputed later (its cached prefix blocks usually survive and are reused).
+but holding its KV blocks, so it resumes without recompute. When blocks run out, paused requests give theirs up
+first (the worst ranked first; they recompute later), then the policy's last running request is preempted: its
+blocks are freed and it is recomputed later (its cached prefix blocks usually survive and are reused).
 
 Resources beside seats, tokens and blocks (LoRA adapter slots) are an AdmissionGate's: it claims what a waiting
 request needs before the request starts, may pass it over for this step (later requests may still start), and
