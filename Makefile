@@ -57,8 +57,10 @@ setup: $(TEST_STAMP)
 run: $(RUN_NEEDS)
 	$(VENV)/bin/foreseer generate "Explain in two sentences what a paged KV cache is."
 
+# Unbuffered, so a log read while the suite runs (or after it was stopped) shows how far it got; --durations names
+# the slowest tests.
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q tests
+	PYTHONUNBUFFERED=1 $(PY) -m pytest -q --durations=15 tests
 
 test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q tests -m "not slow"

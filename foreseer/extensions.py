@@ -1,12 +1,62 @@
-"""C++ extensions for the CPU, compiled on first use with the machine's compiler (torch.utils.cpp_extension)."""
+"""C++ extensions for the CPU, compiled on first use with the machine's compiler (torch.utils.cpp_extension).
+
+Each build lives in a directory named by what determines it (the source's text, the flags, torch's version, the
+CPU's features, as -march=native compiles for this CPU), where the source is staged: checkouts at different paths
+then share one build instead of rebuilding in turn, and a changed source never races an older one's build.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import logging
 import os
+from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
+
+_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        import platform
+
+        return platform.processor()
+
+
+def extensions_root() -> str:
+    """Where builds go: $FORESEER_EXTENSIONS_DIR, else ~/.cache/foreseer/extensions."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("FORESEER_EXTENSIONS_DIR") or os.path.join(cache, "foreseer", "extensions")
+
+
+def build_directory(name: str, source_text: bytes, extra_cflags: tuple[str, ...] = ()) -> str:
+    """The directory of the build of `name` from this source text with these flags, for this torch and CPU."""
+    import torch
+
+    flags = " ".join((*_CFLAGS, *extra_cflags)).encode()
+    parts = [source_text, flags, torch.__version__.encode(), _cpu_features().encode()]
+    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return os.path.join(extensions_root(), f"{name}-{digest}")
+
+
+@contextlib.contextmanager
+def _exclusive(directory: str) -> Iterator[None]:
+    """Holds an flock on the build directory: the kernel drops it when its process dies, where torch's own lock
+    file stays behind after a process killed mid-build and makes every later load wait for it forever."""
+    with open(os.path.join(directory, ".foreseer-build.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.cache
@@ -18,8 +68,21 @@ def load_cpu_extension(name: str, source: str, extra_cflags: tuple[str, ...] = (
         from torch.utils.cpp_extension import load
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        return load(name=name, sources=[source], extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
-                    extra_ldflags=["-fopenmp"])
+        with open(source, "rb") as file:
+            text = file.read()
+        directory = build_directory(name, text, extra_cflags)
+        os.makedirs(directory, exist_ok=True)
+        with _exclusive(directory):
+            # Every build here holds the flock, so a torch lock file found now was left by a killed build.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, "lock"))
+            staged = os.path.join(directory, os.path.basename(source))
+            if not os.path.exists(staged):
+                with open(staged + ".tmp", "wb") as file:
+                    file.write(text)
+                os.replace(staged + ".tmp", staged)
+            return load(name=name, sources=[staged], extra_cflags=[*_CFLAGS, *extra_cflags],
+                        extra_ldflags=list(_LDFLAGS), build_directory=directory)
     except Exception as error:
         logger.warning("C++ extension %s unavailable (%s); using PyTorch instead", name, error)
         return None

@@ -66,6 +66,25 @@ def test_kernels_build():
     assert load_kernels() is not None
 
 
+def test_a_build_killed_midway_does_not_block_later_loads():
+    """torch's lock file, left behind by a process killed while it compiled, would make every later load wait for
+    it forever; the loader holds an flock instead and clears such a file."""
+    import os
+    import subprocess
+    import sys
+
+    from foreseer.extensions import build_directory
+    from foreseer.layers import quantized_linear
+
+    with open(quantized_linear._SOURCE, "rb") as file:
+        directory = build_directory("foreseer_quantized_cpu", file.read(), ("-ffp-contract=off",))
+    assert os.path.isdir(directory)  # the build test_kernels_build loaded
+    open(os.path.join(directory, "lock"), "w").close()
+    code = "from foreseer.layers.quantized_linear import load_kernels; assert load_kernels() is not None"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert not os.path.exists(os.path.join(directory, "lock"))
+
+
 @pytest.mark.parametrize("name", FORMATS)
 def test_dequantize_is_bit_identical_to_gguf(name):
     weight = random_weight(name, *_shape(name))

@@ -589,7 +589,9 @@ def test_priority_and_length_hint_reach_the_scheduler(tiny_llama):
                     finished.append(name)
 
                 first = asyncio.create_task(send("first", 0, 400))  # holds the only seat
+                deadline = time.monotonic() + 30
                 while not engine.engine.has_unfinished_requests():
+                    assert not first.done() and time.monotonic() < deadline, "the first request never ran"
                     await asyncio.sleep(0.01)
                 low = asyncio.create_task(send("low", 5, 4))
                 await asyncio.sleep(0.2)
