@@ -68,25 +68,26 @@ def test_sjf_serves_shortest_predicted_remaining_first():
     _add(s, "short", 4, 1.0, max_tokens=5, predicted=5)
     unpredicted = _add(s, "unpredicted", 4, 2.0, max_tokens=8)
     _add(s, "mid", 4, 3.0, max_tokens=12, predicted=12)
-    assert s.policy.key(long, 0.0) == (2, 30, 0.0)
+    assert s.policy.key(long, 0.0) == (1, 30, 0.0)
     long.token_ids += [7] * 26  # remaining is the prediction less the tokens generated, at least 0
-    assert s.policy.key(long, 0.0) == (2, 4, 0.0)
+    assert s.policy.key(long, 0.0) == (1, 4, 0.0)
     long.token_ids += [7] * 10
-    assert s.policy.key(long, 0.0) == (2, 0, 0.0)
+    assert s.policy.key(long, 0.0) == (1, 0, 0.0)
     del long.token_ids[4:]
-    # Not predicted yet: first, for the prefill that predicts it; after its prefill (still no prediction in this
-    # engine-less test) it ranks by its max_tokens, so the shorter predictions pause it.
-    assert s.policy.key(unpredicted, 0.0) == (1, 2.0)
-    assert _admission_order(s) == ["unpredicted", "short", "mid", "long"]
+    # Not predicted yet (its prefill predicts it in the engine): it ranks by what its max_tokens leaves.
+    assert s.policy.key(unpredicted, 0.0) == (1, 8, 2.0)
+    assert _admission_order(s) == ["short", "unpredicted", "mid", "long"]
 
 
-def test_sjf_pauses_for_a_shorter_request_and_prefills_new_ones_first():
-    """One seat: a new request pauses the running one for its prefill (its KV kept), then the shorter prediction
-    runs to the end before the longer one resumes, with no recompute."""
+def test_sjf_pauses_only_for_a_shorter_request():
+    """One seat: a new request whose max_tokens is shorter than the running one's predicted remainder pauses it
+    (its KV kept), runs to the end, and the longer one resumes with no recompute; a longer new one waits."""
     s = _scheduler("sjf", max_num_seqs=1)
     long = _add(s, "long", 8, 0.0, max_tokens=10, predicted=10)
     assert _step(s) == [("long", 8)]
     assert _step(s) == [("long", 1)]
+    longer = _add(s, "longer", 8, 0.5, max_tokens=50)  # unpredicted: ranks by its 50 tokens, after long's 8
+    assert _step(s) == [("long", 1)] and longer.status == RequestStatus.WAITING
     new = _add(s, "new", 8, 1.0, max_tokens=3)
     assert _step(s) == [("new", 8)]  # the long one is paused, its blocks kept
     assert long.status == RequestStatus.PREEMPTED and long.block_table
@@ -95,7 +96,7 @@ def test_sjf_pauses_for_a_shorter_request_and_prefills_new_ones_first():
     assert _step(s) == [("new", 1)]  # its third token finishes it
     assert new.is_finished
     assert _step(s) == [("long", 1)]  # resumed where it stopped
-    assert long.metrics.num_preemptions == 1 and long.num_output_tokens == 3
+    assert long.metrics.num_preemptions == 1 and long.num_output_tokens == 4
 
 
 def _wait_of_long_request(max_wait_s: float) -> float:
@@ -271,10 +272,10 @@ def test_policies_keep_greedy_outputs(tiny_llama, random_probe):
 
 
 def test_lengths_are_predicted_from_each_requests_own_prefill(tiny_llama, random_probe):
-    """SJF with one seat: each new request pauses the runner for its prefill, whose last hidden state gives its
-    prediction; no prompt is computed twice."""
+    """SJF with one seat: a request is predicted in the step that computes its prompt, from that prefill's last
+    hidden state, never before; no prompt is computed twice."""
     llm = LLM(tiny_llama, kv_cache_gib=0.01, block_size=4, max_num_seqs=1, scheduling_policy="sjf",
-              length_predictor=random_probe, sjf_preemption_limit=1.0)  # any request may be paused
+              length_predictor=random_probe)
     prompts = [list(range(5 + i, 20 + 5 * i)) for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     for i, prompt in enumerate(prompts):
@@ -283,12 +284,10 @@ def test_lengths_are_predicted_from_each_requests_own_prefill(tiny_llama, random
     execute = llm.engine.runner.execute
     llm.engine.runner.execute = lambda sched: computed.append(sched.num_batched_tokens) or execute(sched)
     requests = [llm.engine.parents[str(i)].sequences[0].request for i in range(4)]
-    for step in range(4):
-        llm.engine.step()
-        assert [r.predicted_length is not None for r in requests] == [i <= step for i in range(4)]
     outputs = {}
     while llm.engine.has_unfinished_requests():
         outputs.update({o.request_id: o for o in llm.engine.step()})
+        assert [r.predicted_length is not None for r in requests] == [r.num_computed_tokens > 0 for r in requests]
     assert sum(computed) == sum(len(p) for p in prompts) + 4 * (4 - 1)  # the last token's KV is never computed
     head = ProbeHead.load(random_probe, 64)
     reference = head.predict(prompt_hidden_states(llm.engine, prompts), torch.tensor([len(p) for p in prompts]))

@@ -8,8 +8,7 @@ and preemption. The scheduler calls the hooks and never asks which policy it run
   al., 2025). Limited preemption: a request that has generated `sjf_preemption_limit` of its predicted length is
   never paused. Aging: a request kept waiting longer than `max_wait_s` goes before every other one until it
   finishes, so no request starves behind a stream of shorter ones. The first prediction comes from the end of
-  the request's own prefill (no extra forward pass), so a request not yet predicted goes first to have its
-  prefill.
+  the request's own prefill (no extra forward pass); until then a request ranks by what its max_tokens leaves.
 - mlfq: FastServe's skip-join multi-level feedback queue (Wu et al., 2023): levels with doubling quanta, a new
   request joins the first level whose quantum covers its prefill, is demoted when it uses up a quantum, and is
   promoted to the top when it waits longer than `max_wait_s`. Preemptive for seats: a better-ranked waiting
@@ -137,9 +136,9 @@ class SJFPolicy(SchedulingPolicy):
     def key(self, request: Request, now: float) -> tuple:
         if request.request_id in self.promoted:
             return (0, request.metrics.arrival_time)
-        if request.predicted_length is None and request.num_computed_tokens < request.num_prompt_tokens:
-            return (1, request.metrics.arrival_time)  # its prefill, needed anyway, yields its prediction
-        return (2, self.remaining(request), request.metrics.arrival_time)
+        # Not predicted yet (its own prefill predicts it): it ranks by what its max_tokens leaves, an upper bound.
+        # Ranking it first instead paused a running request for every arrival (338 pauses in a burst of 252).
+        return (1, self.remaining(request), request.metrics.arrival_time)
 
     def may_preempt(self, request: Request) -> bool:
         """Limited preemption (TRAIL): a request that has generated sjf_preemption_limit of its predicted length
