@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ from foreseer.training.lengths.traces import (
     build_traces,
     load_trace_records,
     load_trace_states,
+    restore_trace_states,
 )
 
 EDGES = [0, 2, 4, 8, 16, 32, 64]
@@ -175,10 +177,30 @@ def test_trace_builder_resumes_and_records_every_position(planted):
     record = max(records, key=lambda r: r.output_length)
     answer = llm.generate([record.prompt_token_ids], SamplingParams(temperature=0, max_tokens=record.max_tokens),
                           use_tqdm=False)[0].outputs[0].token_ids
-    assert len(answer) == record.output_length
+    assert len(answer) == record.output_length and record.output_token_ids == answer
     rows = load_trace_states(path, [record], 1)
     fresh = prompt_hidden_states(llm.engine, [record.prompt_token_ids + answer[:t] for t in (0, 3)], layer=1)
     torch.testing.assert_close(rows[[0, 3]].float(), fresh, rtol=2e-2, atol=2e-2)  # stored in fp16
+
+
+def test_states_are_restored_from_the_records_alone(planted, tmp_path):
+    llm, path, _, _, _ = planted
+    kept = tmp_path / "kept.jsonl"
+    shutil.copy(path, kept)  # the JSONL without its shards
+    records = load_trace_records(str(kept))
+    summary = restore_trace_states(llm, str(kept), (1, 2), use_tqdm=False)
+    assert summary["num_restored"] == summary["num_shards"] == len({r.shard for r in records}) > 1
+    for layer in (1, 2):
+        torch.testing.assert_close(load_trace_states(str(kept), records, layer).float(),
+                                   load_trace_states(path, records, layer).float(), rtol=2e-2, atol=2e-2)
+    assert restore_trace_states(llm, str(kept), (1, 2), use_tqdm=False)["num_restored"] == 0
+    os.remove(tmp_path / records[0].shard)
+    with open(kept) as f:
+        lines = [json.loads(line) for line in f]
+    lines[0]["output_token_ids"] = []  # written before answers were recorded
+    kept.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ValueError, match="no answer to restore it from"):
+        restore_trace_states(llm, str(kept), (1, 2), use_tqdm=False)
 
 
 def test_head_learns_a_planted_length_signal(planted):

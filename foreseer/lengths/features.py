@@ -9,7 +9,7 @@ forward pass and given back; their full blocks stay in the prefix cache for the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -27,22 +27,58 @@ def prompt_hidden_states(engine, prompts: Sequence[Sequence[int]], max_batch_tok
     Prompts are prefilled together, up to `max_batch_tokens` tokens per forward pass (default: the engine's
     step budget; a longer prompt runs alone).
     """
+    runner = engine.runner
+
+    def last_rows(indices: list[int], segments: list[Segment]) -> list[torch.Tensor]:
+        if layer is None:
+            return list(runner.forward_segments(runner.model, segments).float().cpu())
+        ends = torch.tensor([len(s.token_ids) for s in segments], device=runner.device).cumsum(0) - 1
+        return list(runner.layer_outputs(segments, [layer])[layer][ends].float().cpu())
+
+    return torch.stack(_prefill_in_batches(engine, prompts, max_batch_tokens, last_rows))
+
+
+@torch.inference_mode()
+def answer_layer_states(engine, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                        layers: Sequence[int], max_batch_tokens: int | None = None) -> list[torch.Tensor]:
+    """Per answer, [len(answer), len(layers), hidden] float32 on the CPU: the layers' outputs at the token that
+    produced each answer token (row 0: the prompt's last token), from one prefill of the prompt and the answer
+    without its last token. These are the states the engine computed while it generated the answer, up to the
+    summation order (a prefill's against decode steps')."""
+    if len(prompts) != len(answers) or not all(answers):
+        raise ValueError("answer_layer_states needs one non-empty answer per prompt")
+    runner = engine.runner
+
+    def answer_rows(indices: list[int], segments: list[Segment]) -> list[torch.Tensor]:
+        outputs = runner.layer_outputs(segments, layers)
+        stacked = torch.stack([outputs[layer] for layer in layers], dim=1).float().cpu()  # [tokens, layers, hidden]
+        pieces = stacked.split([len(s.token_ids) for s in segments])
+        return [piece[len(piece) - len(answers[i]):] for i, piece in zip(indices, pieces)]
+
+    sequences = [[*prompt, *answer[:-1]] for prompt, answer in zip(prompts, answers)]
+    return _prefill_in_batches(engine, sequences, max_batch_tokens, answer_rows)
+
+
+def _prefill_in_batches(engine, prompts: Sequence[Sequence[int]], max_batch_tokens: int | None,
+                        forward: Callable[[list[int], list[Segment]], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """forward(indices, segments) per batch of prompts up to the token budget, each prompt's KV in borrowed blocks;
+    returns its results in the prompts' order."""
     _check_prompts(engine, prompts)
     budget = max_batch_tokens or engine.config.scheduler.max_num_batched_tokens
     if budget < 1:
         raise ValueError(f"max_batch_tokens must be >= 1, got {budget!r}")
-    out = torch.empty(len(prompts), engine.model_config.hidden_size, dtype=torch.float32)
+    results: list[torch.Tensor | None] = [None] * len(prompts)
     batch: list[int] = []
     num_tokens = 0
-    for index, prompt in enumerate(prompts):
-        if batch and num_tokens + len(prompt) > budget:
-            out[batch] = _prefill_last_hidden(engine, [prompts[i] for i in batch], layer)
+    for index, prompt in enumerate([*prompts, None]):
+        if batch and (prompt is None or num_tokens + len(prompt) > budget):
+            for i, result in zip(batch, _prefill(engine, [prompts[i] for i in batch], batch, forward)):
+                results[i] = result
             batch, num_tokens = [], 0
-        batch.append(index)
-        num_tokens += len(prompt)
-    if batch:
-        out[batch] = _prefill_last_hidden(engine, [prompts[i] for i in batch], layer)
-    return out
+        if prompt is not None:
+            batch.append(index)
+            num_tokens += len(prompt)
+    return results
 
 
 def _check_prompts(engine, prompts: Sequence[Sequence[int]]) -> None:
@@ -57,8 +93,9 @@ def _check_prompts(engine, prompts: Sequence[Sequence[int]]) -> None:
             raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than the context or the KV cache holds")
 
 
-def _prefill_last_hidden(engine, prompts: list[Sequence[int]], layer: int | None) -> torch.Tensor:
-    runner, blocks = engine.runner, engine.block_manager
+def _prefill(engine, prompts: list[Sequence[int]], indices: list[int],
+             forward: Callable[[list[int], list[Segment]], list[torch.Tensor]]) -> list[torch.Tensor]:
+    blocks = engine.block_manager
     holders = [Request(f"lengths-features-{i}", list(p), SamplingParams(max_tokens=1), 1, set())
                for i, p in enumerate(prompts)]
     try:
@@ -67,14 +104,17 @@ def _prefill_last_hidden(engine, prompts: list[Sequence[int]], layer: int | None
                 raise ValueError("the KV cache has too few free blocks for these prompts; give a larger kv_cache_gib, "
                                  "a smaller max_batch_tokens, or call when the engine is idle")
         order = sorted(range(len(holders)), key=lambda i: holders[i].num_tokens > 1)  # one-token prompts first
-        segments = [Segment(holders[i].token_ids, 0, holders[i].block_table) for i in order]
-        last = runner.forward_segments(runner.model, segments, layer=layer).float().cpu()
+        results = forward([indices[i] for i in order], [Segment(holders[i].token_ids, 0, holders[i].block_table)
+                                                        for i in order])
         # The prompts' KV is in the cache now: their full blocks join the prefix cache, so that generating
         # for the same prompts soon after reuses this prefill instead of computing it again.
         for holder in holders:
             holder.num_computed_tokens = holder.num_tokens
             blocks.cache_computed_blocks(holder)
-        return last[torch.tensor(order).argsort()]
+        by_prompt: list[torch.Tensor | None] = [None] * len(holders)
+        for i, result in zip(order, results):
+            by_prompt[i] = result
+        return by_prompt
     finally:
         for holder in holders:
             blocks.free(holder)

@@ -189,24 +189,25 @@ class ModelRunner:
         return load_model(model_config, source, self.device, self.dtype, self.config.weight_format), model_config
 
     @torch.inference_mode()
-    def forward_segments(self, model: nn.Module, segments: Sequence[Segment], max_decode_run: int = 1,
-                         layer: int | None = None) -> torch.Tensor:
+    def forward_segments(self, model: nn.Module, segments: Sequence[Segment], max_decode_run: int = 1) -> torch.Tensor:
         """Run `model` (the target, or a draft over its own or the target's cache) over the segments, outside any
-        scheduled step; returns the final hidden states of the rows each segment samples from, in order (with
-        `layer`, the target's: that decoder layer's output at those rows)."""
+        scheduled step; returns the final hidden states of the rows each segment samples from, in order."""
         batch = prepare_batch(segments, self.block_size, self.device, max_decode_run)
         rows = torch.tensor(batch.sample_index, device=self.device)
-        if layer is None:
-            with forward_context(self.backend, batch.metadata):
-                return model(batch.input_ids, batch.positions)[rows]
-        if model is not self.model:
-            raise ValueError("layer outputs are captured from the target model only")
+        with forward_context(self.backend, batch.metadata):
+            return model(batch.input_ids, batch.positions)[rows]
+
+    @torch.inference_mode()
+    def layer_outputs(self, segments: Sequence[Segment], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Run the target over the segments (prefills, without drafts), outside any scheduled step; returns each
+        decoder layer's output at every row: [total tokens, hidden], the segments' tokens in order."""
+        batch = prepare_batch(segments, self.block_size, self.device)
         capturing = self.capture_layers
-        self.capture_layers = sorted({*capturing, layer})
+        self.capture_layers = sorted({*capturing, *layers})
         try:
             with forward_context(self.backend, batch.metadata):
-                model(batch.input_ids, batch.positions)
-            return self._captured[layer][rows]
+                self.model(batch.input_ids, batch.positions)
+            return {layer: self._captured[layer] for layer in layers}
         finally:
             self.capture_layers = capturing
 

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.set_defaults(lengths_main=cmd_build)
 
     traces = commands.add_parser("traces", help="generate answers and record the remaining-length head's training "
-                                 "states at every position (resumable)")
+                                 "states at every position (resumable; shards missing beside a kept JSONL are "
+                                 "recomputed from its answers first)")
     traces.add_argument("--output", required=True, help="JSONL file of records; shards of states go beside it")
     traces.add_argument("--dataset", default=DEFAULT_DATASET, help="ShareGPT-format JSON file of the prompts")
     traces.add_argument("--num-prompts", type=int, default=2400, help="ShareGPT conversations to take")
@@ -148,10 +149,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_traces(args: argparse.Namespace) -> int:
-    from foreseer.training.lengths.traces import build_traces, sharegpt_trace_prompts
+    from foreseer.training.lengths.traces import build_traces, restore_trace_states, sharegpt_trace_prompts
 
     config = TraceConfig(tuple(args.layers), args.max_tokens_cap, args.max_prompt_tokens, args.max_prompts_in_flight)
     llm = _setup(args)
+    if os.path.isfile(args.output):
+        print(json.dumps(restore_trace_states(llm, args.output, config.layers), indent=2))
     prompts = sharegpt_trace_prompts(llm.engine.tokenizer, args.dataset, args.num_prompts, args.skip_prompts,
                                      config.max_tokens_cap)
     summary = build_traces(llm, prompts, args.output, config)

@@ -67,6 +67,9 @@ class TraceRecord:
     offset: int  # its first row there; rows offset .. offset + output_length - 1
     # Wall-clock seconds since the previous record finished (the throughput-amortized time of its answer).
     generation_s: float
+    # The answer itself: with the prompt, what a later build needs to recompute the states by one prefill, so the
+    # JSONL alone (a few MB) keeps the generated dataset. Empty in files written before it was recorded.
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -139,11 +142,48 @@ def load_trace_states(path: str, records: Sequence[TraceRecord], layer: int) -> 
     return torch.cat(parts) if parts else torch.empty(0)
 
 
+def _save_shard(directory: str, shard: str, states: torch.Tensor, layers: Sequence[int]) -> None:
+    """states: [rows, len(layers), hidden]; written whole or not at all (a temporary file, then renamed)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"layer_{layer}": states[:, i].to(torch.float16).contiguous() for i, layer in enumerate(layers)}
+    temporary = os.path.join(directory, shard + ".tmp")
+    save_file(tensors, temporary)
+    os.replace(temporary, os.path.join(directory, shard))
+
+
+def restore_trace_states(llm, path: str, layers: Sequence[int] = TraceConfig.layers, use_tqdm: bool = True) -> dict:
+    """Recompute the shards that the records of `path` name but that are missing (the JSONL kept without them):
+    each answer's states by one prefill of its prompt and answer (features.answer_layer_states). Returns a
+    summary. Records written before answers were recorded (no output_token_ids) cannot be restored."""
+    from foreseer.lengths.features import answer_layer_states
+
+    drop_partial_last_line(path)
+    records = load_trace_records(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    by_shard: dict[str, list[TraceRecord]] = {}
+    for record in records:
+        by_shard.setdefault(record.shard, []).append(record)
+    missing = {shard: rows for shard, rows in by_shard.items() if not os.path.isfile(os.path.join(directory, shard))}
+    for shard, rows in missing.items():
+        unrecorded = [r.id for r in rows if len(r.output_token_ids) != r.output_length]
+        if unrecorded:
+            raise ValueError(f"shard {shard} is missing and records {unrecorded[:5]} hold no answer to restore it from")
+    start = time.perf_counter()
+    for shard, rows in tqdm(missing.items(), desc="restore", unit="shard", disable=not use_tqdm):
+        rows = sorted(rows, key=lambda r: r.offset)
+        if [r.offset for r in rows] != [sum(r.output_length for r in rows[:i]) for i in range(len(rows))]:
+            raise ValueError(f"the records of shard {shard} do not cover its rows one after another")
+        states = answer_layer_states(llm.engine, [r.prompt_token_ids for r in rows],
+                                     [r.output_token_ids for r in rows], layers)
+        _save_shard(directory, shard, torch.cat(states), layers)
+    return {"path": path, "num_records": len(records), "num_shards": len(by_shard), "num_restored": len(missing),
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
 def build_traces(llm, prompts: Sequence[TracePrompt], path: str, config: TraceConfig | None = None,
                  use_tqdm: bool = True) -> dict:
     """Generate an answer to each prompt missing from `path` and record its trace; returns a summary."""
-    from safetensors.torch import save_file
-
     config = config or TraceConfig()
     engine = llm.engine
     directory = os.path.dirname(os.path.abspath(path))
@@ -162,7 +202,7 @@ def build_traces(llm, prompts: Sequence[TracePrompt], path: str, config: TraceCo
     engine.add_hook(recorder)
     pending = iter(todo)
     in_flight: dict[str, tuple[TracePrompt, list[int]]] = {}
-    finished: list[tuple[TracePrompt, list[int], int, bool, float]] = []
+    finished: list[tuple[TracePrompt, list[int], list[int], bool, float]] = []
     num_failed = 0
     start = last = time.perf_counter()
     bar = tqdm(total=len(todo), desc="traces", unit="prompt", disable=not use_tqdm)
@@ -172,16 +212,13 @@ def build_traces(llm, prompts: Sequence[TracePrompt], path: str, config: TraceCo
         shard = f"{stem}-{next_shard:05d}.safetensors"
         next_shard += 1
         rows, offset, lines = [], 0, []
-        for prompt, ids, length, censored, seconds in finished:
+        for prompt, ids, output_ids, censored, seconds in finished:
             states = torch.stack(recorder.rows.pop(f"{prompt.id}#0"))  # [length, num_layers, hidden]
             rows.append(states)
-            lines.append(TraceRecord(prompt.id, ids, length, prompt.max_tokens, censored, shard, offset, seconds))
-            offset += length
-        stacked = torch.cat(rows)
-        tensors = {f"layer_{layer}": stacked[:, i].contiguous() for i, layer in enumerate(config.layers)}
-        temporary = os.path.join(directory, shard + ".tmp")
-        save_file(tensors, temporary)
-        os.replace(temporary, os.path.join(directory, shard))
+            lines.append(TraceRecord(prompt.id, ids, len(output_ids), prompt.max_tokens, censored, shard, offset,
+                                     seconds, output_ids))
+            offset += len(output_ids)
+        _save_shard(directory, shard, torch.cat(rows), config.layers)
         with open(path, "a") as out:
             for line in lines:
                 out.write(json.dumps(dataclasses.asdict(line)) + "\n")
@@ -211,7 +248,7 @@ def build_traces(llm, prompts: Sequence[TracePrompt], path: str, config: TraceCo
                     prompt, ids = in_flight.pop(output.request_id)
                     now = time.perf_counter()
                     completion = output.outputs[0]
-                    finished.append((prompt, ids, len(completion.token_ids), completion.finish_reason == "length",
+                    finished.append((prompt, ids, list(completion.token_ids), completion.finish_reason == "length",
                                      round(now - last, 6)))
                     last = now
                     bar.update(1)
