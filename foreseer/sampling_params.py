@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# A temperature below this samples greedily (vLLM's rule): the logits divided by it would overflow float32 (1e-320
+# is 0 there), and the distribution it leaves is its argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+# A top_k at least this keeps every token of any vocabulary, as 0 does (and would overflow an int64 tensor).
+TOP_K_UNLIMITED = 2**31
 
 
 @dataclass
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 disables
     min_p: float = 0.0
@@ -25,8 +32,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature",
-               f"must be a number >= 0, got {self.temperature!r}")
+        _check(_is_number(self.temperature) and 0 <= self.temperature < math.inf, "temperature",
+               f"must be a finite number >= 0, got {self.temperature!r}")
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
         _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k",
                f"must be an integer >= 1, or 0 or -1 to disable, got {self.top_k!r}")
@@ -42,12 +49,12 @@ class SamplingParams:
         ids = list(self.stop_token_ids or [])
         _check(all(isinstance(t, int) and t >= 0 for t in ids), "stop_token_ids", "must be non-negative integers")
         self.stop_token_ids = ids
-        if self.top_k == -1:
+        if self.top_k == -1 or self.top_k >= TOP_K_UNLIMITED:
             self.top_k = 0
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 def _is_number(value: object) -> bool:

@@ -20,6 +20,7 @@ def llm(tiny_llama):
     ({"top_k": -2}, "top_k"), ({"min_p": 2}, "min_p"), ({"max_tokens": 0}, "max_tokens"),
     ({"n": 0}, "n"), ({"logprobs": -1}, "logprobs"), ({"seed": 1.5}, "seed"), ({"stop": [""]}, "stop"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"temperature": "hot"}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"), ({"temperature": float("nan")}, "temperature"),
 ])
 def test_invalid_values_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{name} "):
@@ -49,11 +50,25 @@ def test_top_k_one_is_greedy(llm):
     assert greedy == top1
 
 
+def test_values_that_once_killed_the_engine_sample_as_they_mean(llm):
+    """A temperature that float32 rounds to 0 is greedy (as below vLLM's 1e-5), and the engine goes on serving."""
+    prompts = [[5, 6, 7], list(range(10, 40))]
+    greedy = _tokens(llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                                  use_tqdm=False))
+    for kwargs in ({"temperature": 1e-320}, {"temperature": 1e-6}, {"temperature": 0.7, "top_p": 1e-50},
+                   {"temperature": 0.7, "top_k": 1, "top_p": 1e-50}):
+        params = SamplingParams(max_tokens=16, ignore_eos=True, **kwargs)
+        assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == greedy, kwargs
+    assert SamplingParams(top_k=2**64).top_k == 0 and not SamplingParams(temperature=1e-5).greedy
+
+
 @pytest.mark.parametrize("kwargs, allowed", [
     ({"top_k": 2}, [0, 1]),
     ({"top_p": 0.7}, [0, 1]),  # 0.5 alone is short of 0.7; 0.5 + 0.3 covers it
     ({"min_p": 0.4}, [0, 1]),  # keeps probabilities >= 0.4 * 0.5
     ({"top_k": 3, "top_p": 0.99}, [0, 1, 2]),
+    ({"top_p": 1e-50}, [0]),  # 0 in float32: the most likely token still stays
+    ({"top_k": 2**64}, [0, 1, 2, 3]),  # beyond int64: keeps every token, as 0 does
     ({}, [0, 1, 2, 3]),
 ])
 def test_sampling_distribution_matches_filtered_probabilities(kwargs, allowed):

@@ -104,6 +104,20 @@ def test_completion_matches_offline_and_stream_concatenates(tiny_server, tiny_ll
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == response["usage"]
 
 
+def test_sampling_values_that_once_killed_the_engine_answer_as_greedy(tiny_server, tiny_llama, offline):
+    """temperature 1e-320 (0 in float32), top_p 1e-50 and a top_k past int64 made the sampler's probabilities
+    NaN or overflowed, which ended the engine for every later request."""
+    url, _ = tiny_server
+    expected = offline.generate("the quick brown fox", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                use_tqdm=False)[0].outputs[0].text
+    body = {"model": tiny_llama, "prompt": "the quick brown fox", "max_tokens": 12, "ignore_eos": True}
+    for hostile in ({"temperature": 1e-320}, {"temperature": 0.7, "top_p": 1e-50},
+                    {"temperature": 0.7, "top_k": 18446744073709551616, "top_p": 1e-50}):
+        response = httpx.post(url + "/v1/completions", json={**body, **hostile})
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] == expected, hostile
+    assert httpx.get(url + "/health").status_code == 200
+
+
 def test_completion_batch_with_n_seed_and_logprobs(tiny_server, tiny_llama, offline):
     url, _ = tiny_server
     prompts = ["the quick brown fox", "hello world"]

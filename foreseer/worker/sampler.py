@@ -61,8 +61,10 @@ class Sampler:
             ranks = torch.arange(vocab, device=device)[None, :]
             remove = ranks >= torch.where(top_k > 0, top_k, vocab)[:, None]
             sorted_probs = sorted_x.masked_fill(remove, float("-inf")).softmax(dim=-1)
-            # Drop a token once the tokens before it already cover top_p; the first always stays.
+            # Drop a token once the tokens before it already cover top_p; the first always stays (a top_p that
+            # float32 rounds to 0, such as 1e-50, would otherwise drop every token).
             remove |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+            remove[:, 0] = False
             x = x.scatter(-1, order, sorted_x.masked_fill(remove, float("-inf")))
         probs = x.softmax(dim=-1)
         if bool((min_p > 0).any()):
