@@ -264,6 +264,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "hi" * 600}]}, 400,
      "messages", "context is 512"),
     ("/v1/nothing", {"model": "M"}, 404, None, "Not Found"),
+    ("/v1/completions", {"model": "M", "prompt": "Hi \ud800"}, 400, "prompt", "lone surrogate"),
+    ("/v1/completions", b'{"model": "M", "prompt": "Hi \xed\xa0\x80"}', 400, "prompt", "lone surrogate"),
+    ("/v1/completions", {"model": "\udfff", "prompt": "hi"}, 400, "model", "lone surrogate"),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "Hi \ud800"}]}, 400,
+     "messages.0.content", "lone surrogate"),
 ]
 
 

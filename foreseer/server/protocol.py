@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 128  # choices per request
 MAX_LOGPROBS = 20  # top logprobs per token, as vLLM and OpenAI allow
@@ -25,6 +25,29 @@ class ErrorResponse(BaseModel):
 class _Request(BaseModel):
     # Unknown fields are ignored, as OpenAI's and vLLM's servers do; NaN and infinity are not numbers here.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: object) -> object:
+        """JSON lets a string hold a lone surrogate ("\\ud800", or the bytes ED A0 80, which Python's JSON reader
+        passes through): no tokenizer or response encoder takes one, so it is refused here, naming its field."""
+        _check_unicode(value)
+        return value
+
+
+def _check_unicode(value: object) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"text is not valid Unicode: a lone surrogate at character {error.start}") from None
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_unicode(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
 
 
 class StreamOptions(_Request):
