@@ -422,6 +422,12 @@ def test_api_key_is_required_on_v1_endpoints(tiny_llama):
         ok = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer sesame"})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
         assert httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/metrics").status_code == 200  # open by default, for scrapers
+    with running_server(tiny_llama, api_key="sesame", protect_metrics=True, **TINY_ENGINE) as (url, _):
+        assert httpx.get(url + "/metrics").status_code == 401
+        key = {"Authorization": "Bearer sesame"}
+        assert "foreseer" in httpx.get(url + "/metrics", headers=key).text
+        assert httpx.get(url + "/health").status_code == 200
 
 
 def test_sigterm_lets_running_requests_finish_and_refuses_new_ones(tiny_llama):

@@ -83,11 +83,12 @@ class APIError(Exception):
 
 
 def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
-               lora_modules: Mapping[str, str] | None = None) -> FastAPI:
+               lora_modules: Mapping[str, str] | None = None, protect_metrics: bool = False) -> FastAPI:
     """The app owns the engine loop: it starts with the app and stops after the last connection closed.
 
     `lora_modules` (adapter name -> directory) are read and checked here, before the engine starts: a bad one
-    raises ValueError naming it."""
+    raises ValueError naming it. With `api_key`, the /v1 endpoints need it, and /metrics too if `protect_metrics`
+    (by default it stays open, for scrapers); /health is always open."""
     server = _Server(engine, served_model_name or engine.engine.config.model, lora_modules or {})
 
     @asynccontextmanager
@@ -111,7 +112,8 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     if api_key is not None:
-        app.add_middleware(_RequireAPIKey, api_key=api_key)
+        app.add_middleware(_RequireAPIKey, api_key=api_key,
+                           protected=("/v1", "/metrics") if protect_metrics else ("/v1",))
     app.add_middleware(ResponseCounter, metrics=server.metrics)  # outermost: counts 401s too
     return app
 
@@ -483,14 +485,15 @@ def _client_gone() -> Response:
 
 
 class _RequireAPIKey:
-    """ASGI middleware: /v1 endpoints need `Authorization: Bearer <key>`; /health and /metrics stay open."""
+    """ASGI middleware: paths under the `protected` prefixes need `Authorization: Bearer <key>`."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, protected: tuple[str, ...]) -> None:
         self.app = app
         self.api_key = api_key.encode()
+        self.protected = protected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and not self._authorized(scope):
+        if scope["type"] == "http" and scope["path"].startswith(self.protected) and not self._authorized(scope):
             error = APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
                              code="invalid_api_key")
             await error.response()(scope, receive, send)
