@@ -39,6 +39,8 @@ def test_generate_reports_bad_input(tiny_llama):
     assert result.returncode == 2 and "SamplingParams.temperature" in result.stderr
     result = _cli("generate", "--model", "no-such-model", "hello")
     assert result.returncode == 2 and "never downloads" in result.stderr
+    result = _cli("serve", "--model", tiny_llama, "--protect-metrics")
+    assert result.returncode == 2 and "--protect-metrics needs --api-key" in result.stderr
 
 
 def test_chat_streams_replies_and_keeps_history(tiny_llama, llm):

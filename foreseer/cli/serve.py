@@ -62,10 +62,10 @@ def main(args: argparse.Namespace) -> int:
     from foreseer.engine.async_engine import AsyncLLMEngine
     from foreseer.server import create_app
 
-    lora_modules = _lora_modules(args)  # before the model loads: a typo fails fast
-    engine = AsyncLLMEngine(make_llm(args).engine, max_waiting_requests=args.max_waiting_requests)
     if args.protect_metrics and args.api_key is None:
         raise ValueError("--protect-metrics needs --api-key")
+    lora_modules = _lora_modules(args)  # before the model loads: a typo fails fast
+    engine = AsyncLLMEngine(make_llm(args).engine, max_waiting_requests=args.max_waiting_requests)
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                      lora_modules=lora_modules, protect_metrics=args.protect_metrics)
     # uvicorn drains on SIGTERM: it stops listening, lets running requests finish, then the app stops the engine.
