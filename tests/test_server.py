@@ -411,6 +411,25 @@ def test_overload_gets_503_with_retry_after(tiny_llama):
         assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
 
 
+def test_an_internal_error_closes_its_connection_and_the_next_request_completes(tiny_llama, monkeypatch):
+    with running_server(tiny_llama, **TINY_ENGINE) as (url, engine):
+        tokenize = engine.engine.tokenize_prompt
+
+        def faulty(prompt):  # an injected bug, for one prompt only
+            if prompt == "fault":
+                raise RuntimeError("injected")
+            return tokenize(prompt)
+
+        monkeypatch.setattr(engine.engine, "tokenize_prompt", faulty)
+        body = {"model": tiny_llama, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+        with httpx.Client(timeout=60) as client:  # one keep-alive connection, as far as the server allows
+            failed = client.post(url + "/v1/completions", json={**body, "prompt": "fault"})
+            assert failed.status_code == 500 and failed.headers["connection"] == "close"
+            assert failed.json()["error"]["type"] == "server_error"
+            ok = client.post(url + "/v1/completions", json={**body, "prompt": "hello"})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
 def test_api_key_is_required_on_v1_endpoints(tiny_llama):
     with running_server(tiny_llama, api_key="sesame", **TINY_ENGINE) as (url, _):
         body = {"model": tiny_llama, "prompt": "hi", "max_tokens": 2}

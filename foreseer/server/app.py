@@ -542,8 +542,9 @@ async def _http_error(_: Request, error: StarletteHTTPException) -> Response:
 
 
 async def _unexpected_error(_: Request, error: Exception) -> Response:
-    # Starlette re-raises the error after this response, so the server logs it with its traceback.
-    return APIError(500, f"internal error: {error}").response()
+    # Starlette re-raises the error after this response, so the server logs it with its traceback, and the server
+    # then drops the connection: Connection: close tells the client not to send its next request on it.
+    return APIError(500, f"internal error: {error}", headers={"Connection": "close"}).response()
 
 
 def _short(value: object, limit: int = 80) -> str:
