@@ -18,6 +18,7 @@ from foreseer.config import EngineConfig
 from foreseer.engine.async_engine import AsyncLLMEngine
 from foreseer.engine.engine import LLMEngine
 from foreseer.server import create_app
+from foreseer.server.protocol import MAX_BODY_BYTES
 
 
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None) -> list[list[int]]:
@@ -58,12 +59,13 @@ def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[i
 @contextmanager
 def running_server(model: str, max_waiting_requests: int = 256, api_key: str | None = None,
                    lora_modules: Mapping[str, str] | None = None, protect_metrics: bool = False,
-                   **engine_args) -> Iterator[tuple[str, AsyncLLMEngine]]:
+                   max_body_bytes: int = MAX_BODY_BYTES, **engine_args) -> Iterator[tuple[str, AsyncLLMEngine]]:
     """A server on a free loopback port, in a thread; stops (and stops its engine) when the block ends."""
     engine = AsyncLLMEngine(LLMEngine(EngineConfig.from_kwargs(model, **engine_args)), max_waiting_requests)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    app = create_app(engine, api_key=api_key, lora_modules=lora_modules, protect_metrics=protect_metrics)
+    app = create_app(engine, api_key=api_key, lora_modules=lora_modules, protect_metrics=protect_metrics,
+                     max_body_bytes=max_body_bytes)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -413,21 +413,55 @@ def test_overload_gets_503_with_retry_after(tiny_llama):
 
 def test_an_internal_error_closes_its_connection_and_the_next_request_completes(tiny_llama, monkeypatch):
     with running_server(tiny_llama, **TINY_ENGINE) as (url, engine):
-        tokenize = engine.engine.tokenize_prompt
+        add_request = engine.engine.add_request
 
-        def faulty(prompt):  # an injected bug, for one prompt only
-            if prompt == "fault":
+        def faulty(request_id, prompt, params, *args, **kwargs):  # an injected bug, for one request only
+            if params.max_tokens == 7:
                 raise RuntimeError("injected")
-            return tokenize(prompt)
+            return add_request(request_id, prompt, params, *args, **kwargs)
 
-        monkeypatch.setattr(engine.engine, "tokenize_prompt", faulty)
-        body = {"model": tiny_llama, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+        monkeypatch.setattr(engine.engine, "add_request", faulty)
+        body = {"model": tiny_llama, "prompt": "hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
         with httpx.Client(timeout=60) as client:  # one keep-alive connection, as far as the server allows
-            failed = client.post(url + "/v1/completions", json={**body, "prompt": "fault"})
+            failed = client.post(url + "/v1/completions", json={**body, "max_tokens": 7})
             assert failed.status_code == 500 and failed.headers["connection"] == "close"
             assert failed.json()["error"]["type"] == "server_error"
-            ok = client.post(url + "/v1/completions", json={**body, "prompt": "hello"})
+            ok = client.post(url + "/v1/completions", json=body)
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_body_over_the_limit_gets_413_and_a_huge_prompt_holds_up_no_one(tiny_llama):
+    with running_server(tiny_llama, max_body_bytes=100_000, **TINY_ENGINE) as (url, engine):
+        body = {"model": tiny_llama, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+        big = {**body, "prompt": "fox " * 30_000}
+        by_length = httpx.post(url + "/v1/completions", json=big)
+
+        def chunks():  # no Content-Length: the limit counts the chunks as they come
+            data = json.dumps(big).encode()
+            for start in range(0, len(data), 10_000):
+                yield data[start:start + 10_000]
+
+        chunked = httpx.post(url + "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        for response in (by_length, chunked):
+            assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+            assert "100000 bytes" in response.json()["error"]["message"]
+        assert httpx.post(url + "/v1/completions", json={**body, "prompt": "hello"}).status_code == 200
+    with running_server(tiny_llama, **TINY_ENGINE) as (url, engine):
+        # Half a million words are tokenized beside the engine, not on its thread: a short request sent after it
+        # completes while the long one is still being tokenized.
+
+        async def run():
+            async with httpx.AsyncClient(timeout=120) as client:
+                huge = asyncio.create_task(client.post(url + "/v1/completions",
+                                                       json={**body, "prompt": "fox " * 500_000}))
+                await asyncio.sleep(0.3)
+                short = await client.post(url + "/v1/completions", json={**body, "prompt": "hello"})
+                return short, huge.done(), await huge
+
+        short, huge_was_done, huge = asyncio.run(run())
+        assert short.status_code == 200 and not huge_was_done
+        assert huge.status_code == 400 and huge.json()["error"]["param"] == "prompt"
+        assert wait_until(lambda: engine_is_idle(engine))
 
 
 def test_api_key_is_required_on_v1_endpoints(tiny_llama):

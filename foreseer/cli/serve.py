@@ -6,6 +6,7 @@ import argparse
 import json
 
 from foreseer.commands import add_engine_arguments, make_llm
+from foreseer.server.protocol import MAX_BODY_BYTES
 
 
 def lora_module(value: str) -> tuple[str, str]:
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-waiting-requests", type=int, default=256,
                         help="sequences that may wait for the engine; beyond, requests get 503 with Retry-After")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1 endpoints")
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                        help="a request body larger than this gets a 413 before it is read whole")
     parser.add_argument("--protect-metrics", action="store_true",
                         help="with --api-key, /metrics needs the key too (by default it is open, for scrapers)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -67,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
     lora_modules = _lora_modules(args)  # before the model loads: a typo fails fast
     engine = AsyncLLMEngine(make_llm(args).engine, max_waiting_requests=args.max_waiting_requests)
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
-                     lora_modules=lora_modules, protect_metrics=args.protect_metrics)
+                     lora_modules=lora_modules, protect_metrics=args.protect_metrics,
+                     max_body_bytes=args.max_body_bytes)
     # uvicorn drains on SIGTERM: it stops listening, lets running requests finish, then the app stops the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

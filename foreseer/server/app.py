@@ -13,15 +13,18 @@ them first.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import itertools
 import re
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +43,7 @@ from foreseer.outputs import CompletionOutput, Logprob, RequestOutput
 from foreseer.sampling_params import SamplingParams
 from foreseer.server.metrics import ResponseCounter, ServerMetrics
 from foreseer.server.protocol import (
+    MAX_BODY_BYTES,
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -64,6 +68,7 @@ from foreseer.server.protocol import (
 )
 
 RETRY_AFTER_S = 1
+TOKENIZER_THREADS = 4
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
              "/v1/unload_lora_adapter", "/health", "/metrics")
 
@@ -83,12 +88,15 @@ class APIError(Exception):
 
 
 def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
-               lora_modules: Mapping[str, str] | None = None, protect_metrics: bool = False) -> FastAPI:
+               lora_modules: Mapping[str, str] | None = None, protect_metrics: bool = False,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The app owns the engine loop: it starts with the app and stops after the last connection closed.
 
     `lora_modules` (adapter name -> directory) are read and checked here, before the engine starts: a bad one
     raises ValueError naming it. With `api_key`, the /v1 endpoints need it, and /metrics too if `protect_metrics`
-    (by default it stays open, for scrapers); /health is always open."""
+    (by default it stays open, for scrapers); /health is always open. A body over `max_body_bytes` gets a 413."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes!r}")
     server = _Server(engine, served_model_name or engine.engine.config.model, lora_modules or {})
 
     @asynccontextmanager
@@ -96,6 +104,7 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api
         engine.start()
         yield
         await engine.stop()
+        server.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="Foreseer", lifespan=lifespan)
     app.post("/v1/completions", response_model=None)(server.completions)
@@ -114,7 +123,8 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api
     if api_key is not None:
         app.add_middleware(_RequireAPIKey, api_key=api_key,
                            protected=("/v1", "/metrics") if protect_metrics else ("/v1",))
-    app.add_middleware(ResponseCounter, metrics=server.metrics)  # outermost: counts 401s too
+    app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
+    app.add_middleware(ResponseCounter, metrics=server.metrics)  # outermost: counts 401s and 413s too
     return app
 
 
@@ -133,8 +143,12 @@ class _Server:
         self.engine = engine
         self.model_name = model_name
         self.created = int(time.time())
-        # The engine thread uses the engine's tokenizer; the event loop gets its own copy.
+        # The engine thread uses the engine's tokenizer; the event loop gets its own copy (for decoding). Prompts
+        # are tokenized in worker threads, a copy each: a megabyte of text takes seconds, which on the engine
+        # thread or the event loop would stall every other request (the tokenizer lets the GIL go meanwhile).
         self.tokenizer = copy.deepcopy(engine.engine.tokenizer)
+        self.tokenizing = concurrent.futures.ThreadPoolExecutor(TOKENIZER_THREADS, "foreseer-tokenize")
+        self._worker_tokenizers = threading.local()
         self._token_texts: dict[int, str] = {}
         self.metrics = ServerMetrics(engine, ENDPOINTS)
         self.loras: dict[str, LoRARequest] = {}  # served adapters by name
@@ -155,7 +169,9 @@ class _Server:
         lora_request = self._check_request(body)
         params = self._sampling_params(body, body.max_tokens, body.logprobs, {})
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        group = await self._submit(request_id, body.prompts(), params, "prompt", "max_tokens", lora_request, body)
+        prompts = [p if isinstance(p, list) else await self._off_loop(lambda tokenizer, p=p: tokenizer.encode(p))
+                   for p in body.prompts()]
+        group = await self._submit(request_id, prompts, params, "prompt", "max_tokens", lora_request, body)
         created = int(time.time())
         if body.stream:
             return _event_stream(self._completion_events(group, body, request_id, created), group)
@@ -183,7 +199,7 @@ class _Server:
             max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
         params = self._sampling_params(body, max_tokens, num_top,
                                        {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"})
-        prompt = self._render_chat(body)
+        prompt = await self._off_loop(lambda tokenizer: self._render_chat(tokenizer, body))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         group = await self._submit(request_id, [prompt], params, "messages", max_tokens_param, lora_request, body)
         created = int(time.time())
@@ -309,12 +325,23 @@ class _Server:
             param = api_names.get(match[1], match[1])
             raise APIError(400, f"{param} {match[2]}", param) from error
 
-    def _render_chat(self, body: ChatCompletionRequest) -> list[int]:
-        if self.tokenizer.chat_template is None:
+    async def _off_loop(self, work: Callable) -> Any:
+        """work(tokenizer) in a tokenizer thread, with that thread's own copy of the tokenizer."""
+        def run() -> Any:
+            tokenizer = getattr(self._worker_tokenizers, "tokenizer", None)
+            if tokenizer is None:
+                tokenizer = self._worker_tokenizers.tokenizer = copy.deepcopy(self.tokenizer)
+            return work(tokenizer)
+
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, run)
+
+    @staticmethod
+    def _render_chat(tokenizer, body: ChatCompletionRequest) -> list[int]:
+        if tokenizer.chat_template is None:
             raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
         try:
-            encoded = self.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True,
-                                                         tokenize=True, return_dict=True)
+            encoded = tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True,
+                                                    tokenize=True, return_dict=True)
         except (TemplateError, ValueError) as error:
             raise APIError(400, f"the model's chat template rejected the messages: {error}", "messages") from error
         return list(encoded["input_ids"])
@@ -482,6 +509,47 @@ async def _client_disconnected(raw: Request) -> None:
 
 def _client_gone() -> Response:
     return Response(status_code=499)  # nginx's "client closed request": nobody reads it, metrics count it
+
+
+class _LimitBody:
+    """ASGI middleware: a body over `max_bytes` gets a 413, by its Content-Length before it is read, or as soon
+    as its chunks pass the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _refusal(self) -> Response:
+        return APIError(413, f"the request body is larger than the server's limit of {self.max_bytes} bytes "
+                        "(--max-body-bytes)", code="body_too_large", headers={"Connection": "close"}).response()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._refusal()(scope, receive, send)
+            return
+        received, refused = 0, False
+
+        async def counted() -> dict:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # a chunked body: refuse it, and tell the app the client left
+                refused = True
+                await self._refusal()(scope, receive, send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def unless_refused(message: dict) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, unless_refused)
 
 
 class _RequireAPIKey:

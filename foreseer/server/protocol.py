@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 128  # choices per request
 MAX_LOGPROBS = 20  # top logprobs per token, as vLLM and OpenAI allow
+MAX_BODY_BYTES = 8 * 2**20  # a request body beyond this is refused (413) before it is read whole
 
 
 class ErrorInfo(BaseModel):
