@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from abc import ABC, abstractmethod
@@ -18,8 +19,6 @@ from foreseer.sampling_params import SamplingParams
 
 # The paper's PiA instruction (Zheng et al., 2023), appended to the user's message.
 MAX_TOKENS = 512  # the answer cap of the length datasets the shipped predictors learnt from
-LENGTH_QUESTION = ("How many tokens will your answer to the above have? Do not answer it; reply with one number "
-                   "only.")
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 # Packaged model name -> directory of its trained length adapter under WEIGHTS_DIR.
 SHIPPED_ADAPTERS = {"smollm2-135m-instruct": "smollm2-135m-instruct-length-lora"}
@@ -173,28 +172,89 @@ class PiaPredictor(LengthPredictor):
         return [self.default if n is None else min(n, self.max_length) for n in stated]
 
 
+# The lora predictor's length classes: upper edges in tokens, one letter each, and an open class above the last.
+LENGTH_CLASS_EDGES = (32, 64, 128, 256, 512, 1024)
+LENGTH_CLASS_LETTERS = "ABCDEFG"
+
+
+def length_class_question(edges: Sequence[int] = LENGTH_CLASS_EDGES) -> str:
+    """The lora predictor's question: which length class the answer falls in, as one letter."""
+    letters = LENGTH_CLASS_LETTERS[:len(edges) + 1]
+    classes = [f"{letters[0]} (up to {edges[0]} tokens)", *(f"{letter} (up to {edge})" for letter, edge in
+                                                            zip(letters[1:], edges[1:])), f"{letters[-1]} (more)"]
+    return (f"How long will your answer to the above be? Do not answer it; reply with one letter: "
+            f"{', '.join(classes)}.")
+
+
+def length_class(length: int, edges: Sequence[int] = LENGTH_CLASS_EDGES) -> int:
+    """The class of an answer of `length` tokens: the first whose upper edge holds it, else the open one."""
+    return next((k for k, edge in enumerate(edges) if length <= edge), len(edges))
+
+
+def class_token_ids(tokenizer, edges: Sequence[int] = LENGTH_CLASS_EDGES) -> list[int]:
+    """The token of each class letter; ValueError if the tokenizer splits a letter."""
+    ids = [tokenizer.encode(letter, add_special_tokens=False) for letter in LENGTH_CLASS_LETTERS[:len(edges) + 1]]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError("the tokenizer has no single token for each length-class letter")
+    return [i[0] for i in ids]
+
+
+def class_lengths(edges: Sequence[int] = LENGTH_CLASS_EDGES) -> list[float]:
+    """A length standing for each class: the geometric middle of its edges (the open class: 1.5x its lower one)."""
+    lower = [1, *edges]
+    return [(low * high) ** 0.5 for low, high in zip(lower, edges)] + [1.5 * edges[-1]]
+
+
 @register
-class LoraPredictor(PiaPredictor):
-    """The paper's instruction-tuned predictor (Zheng et al., 2023): the model itself with a LoRA adapter trained
-    to answer LENGTH_QUESTION with its longest answer's length (trained by foreseer/training/lengths/lora.py). The
-    engine serves the adapter beside the base model, in the same batches as user requests; it needs
-    LLM(..., enable_lora=True)."""
+class LoraPredictor(LengthPredictor):
+    """The paper's instruction-tuned predictor (Zheng et al., 2023), as a classifier: the model itself with a LoRA
+    adapter trained to answer `length_class_question` with the letter of its answer's length class (trained by
+    foreseer/training/lengths/lora.py, with a censored likelihood). It reads the letters' probabilities from one
+    token's logprobs, so the prediction is a distribution's mean, not one class for every prompt. The engine serves
+    the adapter beside the base model, in the same batches as user requests; it needs LLM(..., enable_lora=True)."""
 
     name = "lora"
+    NUM_LOGPROBS = 20  # the letters' share is read from the top tokens; a letter not among them counts as 0
 
-    def __init__(self, llm, adapter_dir: str, default: int = MAX_TOKENS, max_length: int = MAX_TOKENS,
-                 max_tokens: int = 8, lora_int_id: int = LENGTH_LORA_ID) -> None:
+    def __init__(self, llm, adapter_dir: str, default: int = 256, max_length: int = 4096,
+                 lora_int_id: int = LENGTH_LORA_ID) -> None:
         _require_lora(llm)
-        lora_request = LoRARequest("length-predictor", lora_int_id, adapter_dir)
-        llm.engine.load_lora(lora_request)  # a bad adapter fails here, not as rejected requests later
-        super().__init__(llm, default, max_length, LENGTH_QUESTION, max_tokens, lora_request)
+        if not 1 <= default <= max_length:
+            raise ValueError(f"default must be in [1, max_length={max_length}], got {default!r}")
+        self.lora_request = LoRARequest("length-predictor", lora_int_id, adapter_dir)
+        llm.engine.load_lora(self.lora_request)  # a bad adapter fails here, not as rejected requests later
+        self.llm = llm
         self.adapter_dir = adapter_dir
+        self.default = default  # where no letter is among the top tokens
+        self.max_length = max_length
+        self.question = length_class_question()
+        self.letter_ids = class_token_ids(llm.tokenizer)
+        self.lengths = torch.tensor(class_lengths())
+        self.params = SamplingParams(temperature=0, max_tokens=1, logprobs=self.NUM_LOGPROBS)
+        self.last_probabilities: list[torch.Tensor | None] = []  # per prompt of the last call, for inspection
 
     @classmethod
     def create(cls, llm, weights_dir: str | None = None, **options) -> LoraPredictor:
         """The adapter in weights_dir, by default the one shipped for the engine's model."""
         _require_lora(llm)
         return cls(llm, weights_dir or default_adapter_dir(llm.engine.config.model), **options)
+
+    def class_probabilities(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor | None]:
+        """Per prompt, the length classes' probabilities (normalized over the letters), or None if no letter is
+        among the top tokens."""
+        asks = [instruction_prompt(self.llm.tokenizer, p, self.question) for p in prompts]
+        outputs = self.llm.generate(asks, self.params, use_tqdm=False, lora_request=self.lora_request)
+        probabilities = []
+        for output in outputs:
+            top = output.outputs[0].logprobs[0]
+            mass = torch.tensor([math.exp(top[i].logprob) if i in top else 0.0 for i in self.letter_ids])
+            probabilities.append(mass / mass.sum() if mass.sum() > 0 else None)
+        return probabilities
+
+    def predict(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        self.last_probabilities = self.class_probabilities(prompts)
+        return [self.default if p is None else min(max(round(float(p @ self.lengths)), 1), self.max_length)
+                for p in self.last_probabilities]
 
 
 def _require_lora(llm) -> None:

@@ -15,7 +15,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,9 +86,10 @@ def length_batches(examples: Sequence[Example], batch_size: int, rng: random.Ran
 
 
 def finetune(hf_model, examples: Sequence[Example], output_dir: str, config: FinetuneConfig, pad_id: int,
-             base_model: str | None = None, log=print) -> dict:
+             base_model: str | None = None, log=print, loss_fn: Callable = target_loss) -> dict:
     """Train a LoRA adapter on a copy of `hf_model` (transformers, float32; left untouched) and save it in PEFT
-    format in output_dir (see save_peft_adapter); returns a summary of the training."""
+    format in output_dir (see save_peft_adapter); returns a summary of the training. loss_fn(model, batch, pad_id)
+    is the loss of a batch of examples (default: cross-entropy on the target tokens)."""
     from peft import LoraConfig, get_peft_model
 
     if not examples:
@@ -111,7 +112,7 @@ def finetune(hf_model, examples: Sequence[Example], output_dir: str, config: Fin
     for epoch in range(config.epochs):
         total, count = 0.0, 0
         for batch in length_batches(examples, config.batch_size, rng):
-            loss = target_loss(inner, [examples[i] for i in batch], pad_id)
+            loss = loss_fn(inner, [examples[i] for i in batch], pad_id)
             loss.backward()
             if config.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.clip_norm)

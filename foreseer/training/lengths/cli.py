@@ -17,6 +17,8 @@ from foreseer.lengths.remaining import HeadTrainConfig
 from foreseer.training.lengths.dataset import MAX_TOKENS, TEMPERATURES
 from foreseer.training.lengths.traces import TraceConfig
 
+AT_TOKENS = 64  # the refined prediction is scored after this many generated tokens (the goal's point)
+
 DEFAULT_VAL_FRACTION = 0.1
 
 
@@ -60,9 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = commands.add_parser("train", help="train a predictor on the train split")
     train.add_argument("--predictor", choices=["remaining", "probe", "lora"], default="remaining",
                        help="remaining: the remaining-length head on a layer's output, from traces; probe: a head on "
-                       "the prompt's hidden state; lora: an adapter that makes the model state the length")
+                       "the prompt's hidden state; lora: an adapter that makes the model state its length class")
     train.add_argument("--data", required=True,
-                       help="JSONL file written by `lengths traces` (remaining) or `lengths build` (probe, lora)")
+                       help="JSONL file written by `lengths traces` (remaining, lora) or `lengths build` (probe)")
     train.add_argument("--output-dir", default=None, help="default: the shipped directory of --model's predictor")
     train.add_argument("--train-seed", type=int, default=0, help="seed of the initialization and the batches")
     train.add_argument("--output-json", default=None, help="write the training record to this JSON file")
@@ -96,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compare.add_argument("--predictors", nargs="+", default=["remaining", "probe", "max_tokens", "oracle"],
                          help="remaining, probe, pia, lora (registered predictors), max_tokens (the cap alone), "
                          "oracle (the realized lengths)")
-    compare.add_argument("--at-tokens", type=int, default=64,
+    compare.add_argument("--at-tokens", type=int, default=AT_TOKENS,
                          help="score the refined prediction after this many generated tokens")
     compare.add_argument("--limit", type=int, default=None, help="score the first N validation prompts")
     compare.add_argument("--output-json", default=None, help="write the table to this JSON file")
@@ -304,9 +306,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             refined = None if refined is None else dict(zip(long, refined))
         seconds = time.perf_counter() - start
         # A prompt-only prediction counts down; a refined one is read again after `at` tokens.
-        later = [None if r.output_length <= at else
-                 max(min((refined[i] if refined else max(p, at + 1)), r.max_tokens) - at, 1)
-                 for i, (p, r) in enumerate(zip(prefill, val))]
+        later = _counted_down(prefill, val, at) if refined is None else [
+            None if r.output_length <= at else max(min(refined[i], r.max_tokens) - at, 1) for i, r in enumerate(val)]
         rows[name] = {**score_predictions(val, prefill, at, later),
                       "ms_per_request": round(1e3 * seconds / len(val), 2)}
         print(json.dumps({name: rows[name]}), flush=True)
@@ -317,28 +318,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _answer_prefixes(llm, records, count: int) -> list[list[int]]:
-    """The first `count` tokens of each recorded answer, generated again (greedy, as recorded)."""
+    """The first `count` tokens of each recorded answer: as recorded, or generated again (greedy, as recorded)
+    for records written before answers were."""
     from foreseer.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=count)
-    outputs = llm.generate([r.prompt_token_ids for r in records], params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outputs]
+    missing = [r for r in records if len(r.output_token_ids) != r.output_length]
+    outputs = llm.generate([r.prompt_token_ids for r in missing], SamplingParams(temperature=0, max_tokens=count),
+                           use_tqdm=False) if missing else []
+    generated = {r.id: o.outputs[0].token_ids for r, o in zip(missing, outputs)}
+    return [list(generated[r.id]) if r.id in generated else r.output_token_ids[:count] for r in records]
 
 
 def _train_lora(args: argparse.Namespace) -> int:
-    """Train the adapter on transformers (the engine's own model source, fp32), then score it on the validation
-    split through the engine, which serves it as a LoRA adapter; the record lands beside the adapter."""
+    """Train the adapter on the train prompts of traces (transformers, the engine's own model source, fp32), then
+    score it on their validation prompts through the engine, which serves it as a LoRA adapter, as `lengths
+    compare` scores every predictor; the record lands beside the adapter."""
     from foreseer.bench.throughput import load_hf_model
-    from foreseer.lengths.predictors import LoraPredictor, parse_pia_length
-    from foreseer.training.lengths.evaluate import evaluate, generation_ms_per_answer, write_json
+    from foreseer.lengths.predictors import LoraPredictor
+    from foreseer.training.lengths.evaluate import write_json
     from foreseer.training.lengths.lora import (
         LoraTrainConfig,
         default_adapter_dir,
+        labels_of,
         train_length_lora,
         write_training_record,
     )
+    from foreseer.training.lengths.remaining import score_predictions
 
-    train, val = _load_split(args)
+    train, dev, val = _trace_split(args)
+    train = train + dev  # no model choice here needs the dev prompts
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     trained_on = train[:args.limit] if args.limit is not None else train
@@ -348,26 +356,32 @@ def _train_lora(args: argparse.Namespace) -> int:
                              seed=args.train_seed, base_model=args.model)
     _enable_lora(args, args.lora_rank)
     llm = _setup(args)
-    dataset = {**_dataset_summary(args, train, val), "trained_on": len(trained_on)}
-    config.extra = {"command": _command_line(), "dataset": dataset}
+    config.extra = {"command": _command_line(), "dataset": {
+        "path": os.path.basename(args.data), "train_prompts": len(train), "trained_on": len(trained_on),
+        "val_prompts": len(val)}}
     hf_model = load_hf_model(llm)
-    record = train_length_lora(hf_model, llm.tokenizer, trained_on, output_dir, config,
+    record = train_length_lora(hf_model, llm.tokenizer, labels_of(trained_on), output_dir, config,
                                log=lambda line: print(line, file=sys.stderr, flush=True))
     del hf_model
-    default = round(statistics.median(r.max_length for r in train))
-    predictor = LoraPredictor(llm, output_dir, default=default)
-    report = evaluate(predictor, val, generation_ms_per_answer(train + val))
-    record.update({
-        "val_metrics": dataclasses.asdict(report.metrics),
-        "val_overhead_ms": round(report.overhead_ms, 1), "val_overhead_share": round(report.overhead_share, 4),
-        "val_fallback_share": sum(parse_pia_length(t) is None for t in predictor.last_texts) / len(val),
-        "default_length": default,
-    })
+    predictor = LoraPredictor(llm, output_dir)
+    start = time.perf_counter()
+    prefill = predictor.predict([r.prompt_token_ids for r in val])
+    seconds = time.perf_counter() - start
+    record["val_scores"] = {**score_predictions(val, prefill, AT_TOKENS, _counted_down(prefill, val, AT_TOKENS)),
+                            "ms_per_request": round(1e3 * seconds / len(val), 2),
+                            "no_letter_share": sum(p is None for p in predictor.last_probabilities) / len(val)}
     write_training_record(output_dir, record)
     print(json.dumps({"output_dir": output_dir, **record}, indent=2))
     if args.output_json:
         write_json(record, args.output_json)
     return 0
+
+
+def _counted_down(prefill: list, records: list, at: int) -> list:
+    """A prompt-only prediction's remaining length after `at` tokens: counted down, within max_tokens (None for
+    answers not longer than `at`)."""
+    return [None if r.output_length <= at else max(min(max(p, at + 1), r.max_tokens) - at, 1)
+            for p, r in zip(prefill, records)]
 
 
 def _enable_lora(args: argparse.Namespace, rank: int) -> None:
@@ -425,15 +439,19 @@ def _adapter_rank(adapter_dir: str) -> int:
 
 
 def _predictor_extra(predictor, val: list, generation_ms: float) -> dict:
-    """PiA and LoRA: how often the model stated no usable length. Probe: the head's own cost, the only one at
-    serving time (the engine's prefill computes the hidden states anyway)."""
+    """PiA and LoRA: how often the model stated no usable length (LoRA: no class letter). Probe: the head's own
+    cost, the only one at serving time (the engine's prefill computes the hidden states anyway)."""
     from foreseer.lengths.features import prompt_hidden_states
     from foreseer.lengths.predictors import LoraPredictor, PiaPredictor, ProbePredictor, parse_pia_length
 
     if isinstance(predictor, PiaPredictor):
         failed = sum(parse_pia_length(text) is None for text in predictor.last_texts)
-        adapter = {"adapter_dir": predictor.adapter_dir} if isinstance(predictor, LoraPredictor) else {}
-        return {"fallback_share": failed / len(val), "sample_answers": predictor.last_texts[:10], **adapter}
+        return {"fallback_share": failed / len(val), "sample_answers": predictor.last_texts[:10]}
+    if isinstance(predictor, LoraPredictor):
+        failed = sum(p is None for p in predictor.last_probabilities)
+        return {"fallback_share": failed / len(val), "adapter_dir": predictor.adapter_dir,
+                "sample_probabilities": [None if p is None else [round(x, 3) for x in p.tolist()]
+                                         for p in predictor.last_probabilities[:10]]}
     if isinstance(predictor, ProbePredictor):
         hidden = prompt_hidden_states(predictor.llm.engine, [r.prompt_token_ids for r in val])
         start = time.perf_counter()
