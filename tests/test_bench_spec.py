@@ -28,7 +28,6 @@ def test_bench_spec_reports_speedup_acceptance_and_identical_outputs(tiny_llama,
     assert sorted(report["methods"] + list(report["skipped_methods"])) == sorted(PROPOSERS)
     assert [(r["prompt_set"], r["batch_size"], r["num_prompts"]) for r in report["results"]] == [
         ("grounded", 1, 2), ("grounded", 2, 3), ("chat", 1, 2), ("chat", 2, 3)]
-    drafted = 0
     for row in report["results"]:
         assert row["baseline"]["output_tokens_per_s"] > 0
         # The control: an identical engine without speculation, the same answers.
@@ -45,5 +44,6 @@ def test_bench_spec_reports_speedup_acceptance_and_identical_outputs(tiny_llama,
             assert sum(result["accepted_per_position"]) == result["num_accepted_tokens"]
             if result["num_verifications"]:
                 assert 1 <= result["mean_accepted_length"] <= 1 + report["num_speculative_tokens"]
-            drafted += result["num_draft_tokens"]
-    assert drafted > 0  # prompt lookup found something to draft somewhere
+    # Whether any draft is worth its verification is the engine's choice from timings it measures: on this tiny
+    # model it is close, and a clean CI run drafted nothing. Drafting and its exactness are tested in
+    # test_spec_decode.py.
