@@ -32,6 +32,16 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+class RequestFault(Exception):
+    """A step failed in work that belongs to these requests alone (e.g. sampling one of them): they fail, and the
+    step's other requests run again as if it had not happened."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+        self.cause = cause
+
+
 @dataclass
 class ModelRunnerOutput:
     """Tokens sampled this step, for the requests whose scheduled tokens reached their end: one token, or

@@ -82,6 +82,7 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.draft = DraftTree()  # speculative tokens to verify in the next step
+        self.num_faults = 0  # failed steps traced to it (LLMEngine.step fails it at the second)
 
     @property
     def predicted_length(self) -> int | None:

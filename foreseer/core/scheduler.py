@@ -60,6 +60,9 @@ class Scheduler:
         self.now = clock()  # the time of the step being scheduled
         self.waiting: list[Request] = []  # new, preempted and paused requests
         self.running: list[Request] = []
+        # Requests in a step that failed for a reason no one request could be blamed for; each, in turn, runs
+        # alone (in waiting or running meanwhile) until a step of it alone sampled a token.
+        self.suspects: list[Request] = []
 
     @property
     def num_unfinished(self) -> int:
@@ -88,6 +91,10 @@ class Scheduler:
         self.waiting.sort(key=self._key)
         self.gate.on_schedule(self.waiting, self.running, self.now)
         self.running.sort(key=self._key)
+        if self.suspects:
+            alone = self._schedule_alone(self.suspects[0])
+            if alone is not None:
+                return alone
         if self.policy.preemptive:
             self._pause_for_waiting()
         budget = self.config.max_num_batched_tokens
@@ -118,6 +125,59 @@ class Scheduler:
             self._admit_waiting(out, budget)
         return out
 
+    def isolate(self, requests: list[Request]) -> None:
+        """A step with these requests in it failed, and nothing says whose fault it was. Each is recomputed (the
+        failed step may have left its KV wrong) and then runs alone, one at a time, until a step of it alone
+        samples a token: a fault that comes back then is that request's own, and the others are cleared."""
+        for request in requests:
+            if request.status == RequestStatus.RUNNING:
+                self._preempt(request)
+            if request not in self.suspects:
+                self.suspects.append(request)
+
+    def _schedule_alone(self, request: Request) -> SchedulerOutput | None:
+        """A step of one suspect and nothing else (running requests are preempted while it lacks blocks); None if
+        the gate passes it over this step (e.g. its adapter has no slot yet): the others then run without it."""
+        out = SchedulerOutput(scheduled=[])
+        cached: list[int] = []
+        if request.status != RequestStatus.RUNNING:
+            try:
+                if not self.gate.admit(request):
+                    return None
+            except AdmissionError as error:
+                self.finish_request(request, "error")
+                self.failed.append((request, str(error)))
+                return out
+            cached = [] if request.block_table else self.block_manager.find_cached_prefix(request)
+        start = request.num_computed_tokens + len(cached) * self.block_manager.block_size
+        num_new = min(request.num_tokens - start, self.config.max_num_batched_tokens)
+        while not self._allocate(request, num_new, cached):
+            if not self._preempt_last(out, request):
+                raise RuntimeError(f"request {request.request_id} does not fit in the KV cache alone")
+        if request.status != RequestStatus.RUNNING:
+            self.waiting.remove(request)
+            self._start(request, start)
+        out.scheduled.append(ScheduledRequest(request, num_new))
+        return out
+
+    def _preempt_last(self, out: SchedulerOutput, keep: Request) -> bool:
+        """Preempt the policy's last running request other than `keep`; False if there is none."""
+        victim = next((r for r in reversed(self.running) if r is not keep), None)
+        if victim is None:
+            return False
+        self._preempt(victim)
+        out.preempted.append(victim)
+        return True
+
+    def _start(self, request: Request, num_computed_tokens: int) -> None:
+        """A waiting request starts (or resumes) running, its first `num_computed_tokens` already in the cache."""
+        request.num_computed_tokens = num_computed_tokens
+        if request.metrics.first_scheduled_time is None:
+            request.metrics.first_scheduled_time = self.now
+            request.metrics.num_cached_tokens = num_computed_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     def _pause_for_waiting(self) -> None:
         """Each waiting request ranked before the worst running one takes its seat, once all seats are taken."""
         seats = self.config.max_num_seqs - len(self.running)
@@ -140,6 +200,8 @@ class Scheduler:
         for request in self.waiting:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if request in self.suspects:  # it runs alone
+                continue
             if not self.policy.can_admit(request, self.running, self.block_manager):
                 break
             try:
@@ -155,12 +217,7 @@ class Scheduler:
             if not self._allocate(request, num_new, cached):
                 self.gate.release(request)
                 break
-            request.num_computed_tokens = start
-            if request.metrics.first_scheduled_time is None:
-                request.metrics.first_scheduled_time = self.now
-                request.metrics.num_cached_tokens = start
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            self._start(request, start)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
             admitted.append(request)
@@ -219,6 +276,8 @@ class Scheduler:
             self.block_manager.cache_computed_blocks(request)
             if tokens is None:
                 continue
+            if self.suspects and request is self.suspects[0]:  # it sampled alone without a fault: cleared
+                self.suspects.pop(0)
             logprobs = result.logprobs.get(request.request_id)
             appended = []
             for i, token in enumerate(tokens):
@@ -247,6 +306,8 @@ class Scheduler:
             self.gate.release(request)
         else:
             self.waiting.remove(request)
+        if request in self.suspects:
+            self.suspects.remove(request)
         self.block_manager.free(request)
         self.policy.forget(request)
         request.status = RequestStatus.FINISHED

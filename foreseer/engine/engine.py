@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import torch
+
 from foreseer.config import EngineConfig
 from foreseer.core.block_manager import BlockManager
+from foreseer.core.draft_tree import DraftTree
+from foreseer.core.output import RequestFault, SchedulerOutput
 from foreseer.core.policies import get_policy
 from foreseer.core.request import Request, SequenceGroup
 from foreseer.core.scheduler import Scheduler
@@ -28,6 +33,20 @@ from foreseer.spec.speculator import Speculator
 from foreseer.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+
+MAX_FAULTS_PER_REQUEST = 2  # traced faults that fail a request: one may be another's (see LLMEngine._contain)
+MAX_FAULTS_KEPT = 100  # the newest step faults kept for inspection (/health shows the last)
+
+
+@dataclass(frozen=True)
+class StepFault:
+    """An exception a step caught: where, and which sequences it failed or sent to run again."""
+
+    time: float
+    stage: str  # before_schedule, schedule, execute (the model, sampling, the hooks after it) or update
+    error: str
+    failed: list[str]
+    retried: list[str]
 
 
 @dataclass
@@ -128,6 +147,8 @@ class LLMEngine:
             if hook is not None:
                 self.add_hook(hook)
         self.parents: dict[str, _ParentRequest] = {}
+        self.faults: collections.deque[StepFault] = collections.deque(maxlen=MAX_FAULTS_KEPT)
+        self.num_faults = 0
         self._sequences: dict[str, tuple[_ParentRequest, _Sequence]] = {}  # child request id -> its place
 
     def reconfigure_scheduler(self, **changes) -> None:
@@ -283,29 +304,106 @@ class LLMEngine:
 
     # -- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample; returns the outputs of requests that advanced."""
-        for hook in self.hooks:
-            hook.before_schedule(self.scheduler)
-        sched = self.scheduler.schedule()
+        """Schedule, run the model once, sample; returns the outputs of requests that advanced (or failed).
+
+        A fault never leaves this call: it fails the requests it is traced to (a kernel error, an out-of-memory,
+        a bad sampling state), and the others run on with the outputs they would have had (see `faults`)."""
+        try:
+            for hook in self.hooks:
+                hook.before_schedule(self.scheduler)
+        except Exception as error:  # drafts and length predictions only order and speed up work: drop them
+            self._record_fault("before_schedule", error, [], [])
+            for request in self.scheduler.running:
+                request.draft = DraftTree()
+        try:
+            sched = self.scheduler.schedule()
+        except Exception as error:  # the scheduler's own state is in doubt: nothing of it can be trusted
+            return self._fail_requests("schedule", error, self.scheduler.running + self.scheduler.waiting)
         touched = self._take_failed()
         if sched.is_empty:
             if self.scheduler.num_unfinished and not touched:
                 raise RuntimeError("no request could be scheduled although some are unfinished")
             return self._outputs(touched.values())
-        executing = time.perf_counter()
-        result = self.runner.execute(sched)
-        execute_seconds = time.perf_counter() - executing
-        for hook in self.hooks:
-            hook.after_execute(sched, result, execute_seconds)
-        updates = self.scheduler.update_from_output(sched, result)
-        for hook in self.hooks:
-            hook.after_update(updates)
-        for update in updates:
-            request = update.request
-            parent, seq = self._sequences[request.request_id]
-            self._detokenize(request, seq, update.new_token_ids)
-            touched[parent.request_id] = parent
+        generators = self._generator_states(sched)
+        try:
+            executing = time.perf_counter()
+            result = self.runner.execute(sched)
+            execute_seconds = time.perf_counter() - executing
+            for hook in self.hooks:
+                hook.after_execute(sched, result, execute_seconds)
+        except Exception as error:  # nothing of the step was kept yet: its requests can run it again
+            for generator, state in generators:
+                generator.set_state(state)
+            self._contain(sched, error, touched)
+            return self._outputs(touched.values())
+        try:
+            updates = self.scheduler.update_from_output(sched, result)
+            for hook in self.hooks:
+                hook.after_update(updates)
+            for update in updates:
+                request = update.request
+                parent, seq = self._sequences[request.request_id]
+                self._detokenize(request, seq, update.new_token_ids)
+                touched[parent.request_id] = parent
+        except Exception as error:  # half applied: these requests' outputs cannot be trusted any more
+            return self._fail_requests("update", error, [item.request for item in sched.scheduled])
         return self._outputs(touched.values())
+
+    def _generator_states(self, sched: SchedulerOutput) -> list[tuple[torch.Generator, torch.Tensor]]:
+        """The random state the step's sampling draws from, so that a failed step can be run again as it was."""
+        generators = [self.runner.sampler.generator]
+        generators += [item.request.generator for item in sched.scheduled if item.request.generator is not None]
+        return [(generator, generator.get_state()) for generator in generators]
+
+    def _contain(self, sched: SchedulerOutput, error: Exception, touched: dict[str, _ParentRequest]) -> None:
+        """A fault while running the step: trace it, fail the requests it is traced to twice, retry the rest.
+
+        Traced: what a RequestFault names, or the step's one request. A traced request runs alone next (the
+        scheduler recomputes it), so that a one-off fault (another's memory, a flaky device) costs it nothing;
+        MAX_FAULTS_PER_REQUEST traced faults fail it. An untraced fault isolates all of the step's requests: each
+        recomputes and runs alone, so that a fault that comes back is traced then."""
+        requests = [item.request for item in sched.scheduled]
+        for request in requests:
+            request.draft = DraftTree()
+        if isinstance(error, RequestFault):
+            culprits = [r for r in requests if r.request_id in error.request_ids]
+        elif len(requests) == 1:
+            culprits = requests
+        else:
+            self._record_fault("execute", error, [], [r.request_id for r in requests])
+            self.scheduler.isolate(requests)
+            return
+        for request in culprits:
+            request.num_faults += 1
+        failed = [r for r in culprits if r.num_faults >= MAX_FAULTS_PER_REQUEST]
+        self._record_fault("execute", error, [r.request_id for r in failed],
+                           [r.request_id for r in requests if r not in failed])
+        self.scheduler.isolate([r for r in culprits if r not in failed])
+        for request in failed:
+            touched.update(self._fail_parent(request, error))
+
+    def _fail_requests(self, stage: str, error: Exception, requests: list[Request]) -> list[RequestOutput]:
+        self._record_fault(stage, error, [r.request_id for r in requests], [])
+        touched: dict[str, _ParentRequest] = {}
+        for request in list(requests):
+            touched.update(self._fail_parent(request, error))
+        return self._outputs(touched.values())
+
+    def _fail_parent(self, request: Request, error: Exception) -> dict[str, _ParentRequest]:
+        """Fail the API request a sequence belongs to, every sequence of it."""
+        parent, _ = self._sequences[request.request_id]
+        cause = error.cause if isinstance(error, RequestFault) else error
+        parent.error = parent.error or f"the engine failed while computing this request: {type(cause).__name__}: " \
+                                       f"{cause}"
+        for seq in parent.sequences:
+            self.scheduler.finish_request(seq.request, "error")
+        return {parent.request_id: parent}
+
+    def _record_fault(self, stage: str, error: Exception, failed: list[str], retried: list[str]) -> None:
+        logger.error("engine fault in %s (failed: %s; run again: %s)", stage, failed or "none", retried or "none",
+                     exc_info=error)
+        self.num_faults += 1
+        self.faults.append(StepFault(time.time(), stage, f"{type(error).__name__}: {error}", failed, retried))
 
     def _take_failed(self) -> dict[str, _ParentRequest]:
         """Parents of the requests the scheduler gave up on this step (finished with finish_reason "error")."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 from foreseer.core.draft_tree import DraftTree
+from foreseer.core.output import RequestFault
 from foreseer.core.request import Request
 from foreseer.outputs import Logprob
 from foreseer.worker.rejection import verify_greedy, verify_sampling
+
+TokenLogprobs = list[tuple[float, dict[int, Logprob]]]  # per emitted token: its logprob, and the top-N beside it
 
 
 class Sampler:
@@ -17,7 +20,7 @@ class Sampler:
 
     def __call__(
         self, logits: torch.Tensor, requests: list[Request], drafts: list[DraftTree]
-    ) -> tuple[list[list[int]], list[list[int]], dict[str, list[tuple[float, dict[int, Logprob]]]]]:
+    ) -> tuple[list[list[int]], list[list[int]], dict[str, TokenLogprobs]]:
         """logits: [S, V] float32, 1 + len(drafts[i]) consecutive rows for request i: at its last token, then
         at each draft node. Returns each request's emitted tokens, its accepted draft nodes and, where asked,
         the emitted tokens' logprobs."""
@@ -32,20 +35,31 @@ class Sampler:
         start = 0
         for request, draft in zip(requests, drafts):
             end = start + len(draft) + 1
-            if request.params.greedy:
-                emitted, path = verify_greedy(draft, argmax[start:end])
-            else:
-                target = probs[row_of[start]:row_of[start] + len(draft) + 1]
-                emitted, path = verify_sampling(draft, target, draft.probs, request.generator or self.generator)
+            target = None if request.params.greedy else probs[row_of[start]:row_of[start] + len(draft) + 1]
+            try:  # what fails here is this request's alone
+                emitted, path, request_logprobs = self._emit(request, draft, logits[start:end], argmax[start:end],
+                                                             target)
+            except Exception as error:
+                raise RequestFault([request.request_id], error) from error
             tokens.append(emitted)
             paths.append(path)
-            if request.params.logprobs is not None:
-                rows = [start] + [start + 1 + node for node in path]  # the row each emitted token came from
-                logprobs[request.request_id] = [
-                    _logprobs(logits[row], token, request.params.logprobs) for row, token in zip(rows, emitted)
-                ]
+            if request_logprobs is not None:
+                logprobs[request.request_id] = request_logprobs
             start = end
         return tokens, paths, logprobs
+
+    def _emit(self, request: Request, draft: DraftTree, logits: torch.Tensor, argmax: list[int],
+              target: torch.Tensor | None) -> tuple[list[int], list[int], TokenLogprobs | None]:
+        """One request's emitted tokens, accepted draft nodes and (where asked) logprobs, from its rows."""
+        if target is None:
+            emitted, path = verify_greedy(draft, argmax)
+        else:
+            emitted, path = verify_sampling(draft, target, draft.probs, request.generator or self.generator)
+        if request.params.logprobs is None:
+            return emitted, path, None
+        rows = [0] + [1 + node for node in path]  # the row each emitted token came from
+        return emitted, path, [_logprobs(logits[row], token, request.params.logprobs)
+                               for row, token in zip(rows, emitted)]
 
     @staticmethod
     def processed_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
