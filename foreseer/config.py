@@ -56,6 +56,9 @@ class SpeculativeConfig:
 
     method: str
     num_speculative_tokens: int = 5  # deepest draft per request and step; the engine adapts below it
+    # Choose each step's drafts by their expected gain from measured step costs and acceptance (off: every request
+    # drafts up to num_speculative_tokens at every step, as vLLM does)
+    adaptive: bool = True
     tree_width: int = 1  # most alternatives per draft (1: a chain; more: a token tree verified at once)
     prompt_lookup_min: int = 1  # ngram: shortest and longest suffix n-gram to look up
     prompt_lookup_max: int = 4
@@ -87,7 +90,8 @@ class SpeculativeConfig:
         _check(self.skip_layers is None or (isinstance(self.skip_layers, list) and all(
             isinstance(i, int) and i >= 0 for i in self.skip_layers)), "speculative_config.skip_layers",
             "must be a list of layer indices")
-        _check(isinstance(self.calibrate, bool), "speculative_config.calibrate", "must be true or false")
+        for name in ("adaptive", "calibrate"):
+            _check(isinstance(getattr(self, name), bool), f"speculative_config.{name}", "must be true or false")
         for name in ("draft_confidence", "target_acceptance"):
             value = getattr(self, name)
             _check(isinstance(value, int | float) and 0 <= value < 1, f"speculative_config.{name}", "must be in [0, 1)")

@@ -1,8 +1,10 @@
 """C++ extensions for the CPU, compiled on first use with the machine's compiler (torch.utils.cpp_extension).
 
-Each build lives in a directory named by what determines it (the source's text, the flags, torch's version, the
-CPU's features, as -march=native compiles for this CPU), where the source is staged: checkouts at different paths
-then share one build instead of rebuilding in turn, and a changed source never races an older one's build.
+Each build lives in a directory named by what determines it (the source's text and that of the package headers it
+includes, the flags, torch's version, the CPU's features, as -march=native compiles for this CPU), where the source
+is staged: checkouts at different paths then share one build instead of rebuilding in turn, and a changed source
+never races an older one's build. Sources include the kernels they share as `#include "layers/csrc/x.h"`, relative to
+the package root.
 """
 
 from __future__ import annotations
@@ -13,12 +15,29 @@ import functools
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
+_PACKAGE_ROOT = os.path.dirname(os.path.abspath(__file__))
+_LOCAL_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def _included_headers(text: bytes, seen: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """The package headers a source includes, directly or through other headers: path -> text."""
+    seen = {} if seen is None else seen
+    for match in _LOCAL_INCLUDE.finditer(text):
+        name = match.group(1).decode()
+        path = os.path.join(_PACKAGE_ROOT, name)
+        if name in seen or not os.path.exists(path):
+            continue
+        with open(path, "rb") as header:
+            seen[name] = header.read()
+        _included_headers(seen[name], seen)
+    return seen
 
 
 def _cpu_features() -> str:
@@ -42,7 +61,9 @@ def build_directory(name: str, source_text: bytes, extra_cflags: tuple[str, ...]
     import torch
 
     flags = " ".join((*_CFLAGS, *extra_cflags)).encode()
-    parts = [source_text, flags, torch.__version__.encode(), _cpu_features().encode()]
+    headers = _included_headers(source_text)
+    parts = [source_text, *(name.encode() + b"\0" + headers[name] for name in sorted(headers)), flags,
+             torch.__version__.encode(), _cpu_features().encode()]
     digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     return os.path.join(extensions_root(), f"{name}-{digest}")
 
@@ -82,7 +103,7 @@ def load_cpu_extension(name: str, source: str, extra_cflags: tuple[str, ...] = (
                     file.write(text)
                 os.replace(staged + ".tmp", staged)
             return load(name=name, sources=[staged], extra_cflags=[*_CFLAGS, *extra_cflags],
-                        extra_ldflags=list(_LDFLAGS), build_directory=directory)
+                        extra_ldflags=list(_LDFLAGS), extra_include_paths=[_PACKAGE_ROOT], build_directory=directory)
     except Exception as error:
         logger.warning("C++ extension %s unavailable (%s); using PyTorch instead", name, error)
         return None

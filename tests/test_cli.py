@@ -87,8 +87,10 @@ def test_bench_decode_reports_each_figure(tiny_llama, tmp_path):
         assert 0 < row["bandwidth_share"] < 1 and 0 < row["fma_peak_share"] < 1
     assert report["machine"]["fp32_fma_peak_gflops"] > report["machine"]["torch_mm_gflops"] > 0
     overhead = report["step_overhead"]
-    for mode in ("fused_layer_ops", "pytorch_layer_ops"):
+    assert list(overhead) == ["fused_decoder", "modules_cpp_layer_ops", "modules_pytorch_layer_ops"]
+    for mode in overhead:
         assert 0 < overhead[mode]["kernels_ms"] < overhead[mode]["step_ms"]
+    assert overhead["modules_pytorch_layer_ops"]["overhead_vs_fused_decoder"] > 0
     assert report["attention"][0]["context_len"] == 256 and report["attention"][0]["speedup"] > 0
     assert report["rss_mb"]["foreseer"] > 100
     assert "decode after 16 tokens" in result.stdout

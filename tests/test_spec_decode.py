@@ -141,11 +141,8 @@ def test_speculative_config_is_validated():
 
 
 def _speculating_llm(model: str, **kwargs) -> LLM:
-    llm = LLM(model, speculative_config=NGRAM, **kwargs)
-    # The measured cost model of a tiny model on a busy machine is noise; pin one that always drafts.
-    llm.engine.speculator.cost = StepCostModel([1, 1024], [1.0, 1.0])
-    llm.engine.speculator.config.calibrate = False  # pinned: not corrected by measured step times
-    return llm
+    # Drafting at every step: the measured cost model of a tiny model on a busy machine is noise.
+    return LLM(model, speculative_config={**NGRAM, "adaptive": False}, **kwargs)
 
 
 def _run_staggered(llm: LLM, prompts, params_list) -> tuple[list, int]:
@@ -299,15 +296,15 @@ def test_real_model_prompt_lookup_is_exact_and_accepts_on_a_rewrite_task(real_ll
     conversations = [[{"role": "user", "content": f"{task} the following text:\n\n{text}"}]
                      for task in ("Rewrite", "Repeat", "Summarize")]
     params = SamplingParams(temperature=0, max_tokens=64)
-    spec = LLM("smollm2-135m-instruct", kv_cache_gib=0.25, speculative_config=NGRAM)
+    # Drafting at every step (not adaptive): what is drafted then does not depend on this machine's step timings.
+    spec = LLM("smollm2-135m-instruct", kv_cache_gib=0.25, speculative_config={**NGRAM, "adaptive": False})
     expected = real_llm.chat(conversations, params, use_tqdm=False)
     outputs = spec.chat(conversations, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
-    # This small model paraphrases more than it copies: about 0.3 to 0.5 of drafted tokens. With the weights in
-    # their Q4_1 blocks a verified row costs a good part of a step (the flat GEMM dequantizes once for all rows
-    # but multiplies each), so the cost model drafts few tokens a step: 1.4 to 2 tokens a step.
-    assert spec.engine.spec_stats.acceptance_rate > 0.2
-    assert spec.engine.spec_stats.mean_accepted_length > 1.3
+    # This small model paraphrases more than it copies: it accepts about 0.3 to 0.5 of the drafted tokens.
+    stats = spec.engine.spec_stats
+    assert stats.num_verifications > 20 and stats.acceptance_rate > 0.2
+    assert stats.mean_accepted_length > 1.3
 
 
 NETWORK_TEXT = (

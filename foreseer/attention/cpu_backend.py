@@ -17,7 +17,8 @@ _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "paged_attention_cpu.c
 
 def load_cpu_kernels():
     """The compiled extension, or None where it cannot be built."""
-    return load_cpu_extension("foreseer_paged_attention_cpu", _SOURCE)
+    # Multiply-adds are explicit fmas (paged_attention.h), as in the fused decoder that shares them.
+    return load_cpu_extension("foreseer_paged_attention_cpu", _SOURCE, ("-ffp-contract=off",))
 
 
 DecodeKernel = Literal["split_kv", "reference"]

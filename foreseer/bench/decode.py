@@ -5,8 +5,8 @@ Reports, each as a ratio to its baseline from the same minutes (runs in turns, f
   llama.cpp (llama-cpp-python) and against Foreseer's float32 expansion;
 - the share of the machine's limits reached: weight and KV bytes streamed per token against the measured read
   bandwidth, FLOPs per token against the fp32 FMA peak;
-- the step's overhead (time outside the matmul and attention kernels) with the fused C++ layer ops and with the
-  PyTorch ones;
+- the step's overhead (time outside the matmul and attention kernels) with the fused decoder (every layer in one
+  C++ call), and with the model's modules running the C++ layer ops or PyTorch's;
 - decode attention alone, split-KV against the reference kernels, at long contexts;
 - the resident memory of a fresh process after loading the model, Foreseer's and llama.cpp's.
 """
@@ -32,6 +32,7 @@ from foreseer.bench.turns import fastest_in_turns
 from foreseer.layers import cpu_kernels
 from foreseer.layers.quantized_linear import QuantizedLinear
 from foreseer.llm import LLM
+from foreseer.models.cpu_decoder import FusedCpuDecoder
 from foreseer.sampling_params import SamplingParams
 
 
@@ -73,11 +74,13 @@ def _streamed_per_token(llm: LLM, context: int) -> tuple[int, float]:
 
 @contextlib.contextmanager
 def _kernel_timer(llm: LLM) -> Iterator[collections.Counter]:
-    """Time spent inside the matmul and attention kernels while the block runs, by kind, in seconds."""
-    backend = llm.engine.runner.backend
+    """Time spent inside the matmul and attention kernels while the block runs, by kind, in seconds; a fused decode
+    step (every layer's kernels in one C++ call) counts whole."""
+    runner = llm.engine.runner
     spent: collections.Counter = collections.Counter()
     patched = [(QuantizedLinear, "matmul", "matmul"), (torch.nn.Linear, "forward", "matmul"),
-               (type(backend), "decode", "attention"), (type(backend), "write_kv", "attention")]
+               (type(runner.backend), "decode", "attention"), (type(runner.backend), "write_kv", "attention"),
+               (FusedCpuDecoder, "__call__", "fused")]
     originals = [(cls, name, getattr(cls, name)) for cls, name, _ in patched]
 
     def timed(function, kind):
@@ -98,11 +101,30 @@ def _kernel_timer(llm: LLM) -> Iterator[collections.Counter]:
             setattr(cls, name, function)
 
 
+@contextlib.contextmanager
+def _step_mode(llm: LLM, mode: str) -> Iterator[None]:
+    """Decode steps as `mode` runs them: "fused_decoder" (the default: one C++ call for every layer), or the
+    model's modules with the C++ layer ops ("modules_cpp_layer_ops") or PyTorch's ("modules_pytorch_layer_ops")."""
+    runner = llm.engine.runner
+    fused = runner.fused_decoder
+    if mode == "fused_decoder" and fused is None:
+        raise ValueError("this model has no fused decoder")
+    runner.fused_decoder = fused if mode == "fused_decoder" else None
+    try:
+        with cpu_kernels.layer_ops_enabled(mode != "modules_pytorch_layer_ops"):
+            yield
+    finally:
+        runner.fused_decoder = fused
+
+
+STEP_MODES = ("fused_decoder", "modules_cpp_layer_ops", "modules_pytorch_layer_ops")
+
+
 def step_overhead(llm: LLM, prompt: list[int], new_tokens: int, repeats: int) -> dict:
-    """Per batch-1 decode step: its time, the time in the matmul and attention kernels, and the rest (Python,
-    PyTorch dispatch, small ops, scheduling, sampling), with the fused C++ layer ops and with PyTorch's."""
-    def measured(fused: bool) -> dict:
-        with cpu_kernels.layer_ops_enabled(fused), _kernel_timer(llm) as spent:
+    """Per batch-1 decode step, in each of STEP_MODES that applies: its time, the time in the matmul and attention
+    kernels (or the fused call), and the rest (Python, PyTorch dispatch, small ops, scheduling, sampling)."""
+    def measured(mode: str) -> dict:
+        with _step_mode(llm, mode), _kernel_timer(llm) as spent:
             # The prompt alone (from the prefix cache, as below): its kernels' time is not the steps'.
             llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
             prefill = sum(spent.values())
@@ -111,10 +133,14 @@ def step_overhead(llm: LLM, prompt: list[int], new_tokens: int, repeats: int) ->
         kernels_ms = 1000 * (sum(spent.values()) - prefill) / new_tokens
         return {"step_ms": ms, "kernels_ms": kernels_ms, "overhead_ms": ms - kernels_ms}
 
-    best = fastest_in_turns({"fused": lambda: measured(True), "pytorch": lambda: measured(False)}, repeats,
+    modes = STEP_MODES if llm.engine.runner.fused_decoder is not None else STEP_MODES[1:]
+    best = fastest_in_turns({mode: functools.partial(measured, mode) for mode in modes}, repeats,
                             seconds=lambda r: r["step_ms"])
-    return {"fused_layer_ops": best["fused"], "pytorch_layer_ops": best["pytorch"],
-            "overhead_reduction": best["pytorch"]["overhead_ms"] / max(best["fused"]["overhead_ms"], 1e-9)}
+    fastest = best[modes[0]]
+    for mode in modes[1:]:
+        best[mode]["overhead_vs_" + modes[0]] = best[mode]["overhead_ms"] / max(fastest["overhead_ms"], 1e-9)
+        best[mode]["step_vs_" + modes[0]] = best[mode]["step_ms"] / fastest["step_ms"]
+    return best
 
 
 def run(args: DecodeBenchArgs) -> dict:
@@ -156,8 +182,8 @@ def run(args: DecodeBenchArgs) -> dict:
     llm = llms.pop("foreseer")
     del llms  # the float32 copy's memory is not needed any more
     report["step_overhead"] = step_overhead(llm, _prompt(llm, args.contexts[0]), args.new_tokens, args.repeats)
-    print(_line("step overhead (ms), fused layer ops", report["step_overhead"]["fused_layer_ops"]))
-    print(_line("step overhead (ms), PyTorch layer ops", report["step_overhead"]["pytorch_layer_ops"]))
+    for mode, row in report["step_overhead"].items():
+        print(_line(f"decode step (ms), {mode}", row))
 
     cfg = llm.engine.model_config
     report["attention"] = bench_decode_attention(

@@ -161,10 +161,12 @@ def merged(llm: LLM, adapter: LoRAAdapter | str) -> Iterator[None]:
         adapter = read_adapter(model, adapter)
     llm.reset_prefix_cache()
     saved = merge_adapter(model, adapter)
+    llm.engine.runner.refresh_fused_decoder()
     try:
         yield
     finally:
         unmerge_adapter(model, saved)
+        llm.engine.runner.refresh_fused_decoder()
         llm.reset_prefix_cache()
 
 
@@ -367,12 +369,14 @@ def run_naive(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest], max_
         adapter = read.pop(lora, None) or read_adapter(model, lora.lora_path)
         llm.reset_prefix_cache()
         saved = merge_adapter(model, adapter)
+        llm.engine.runner.refresh_fused_decoder()
         merge_s += time.perf_counter() - merge_start
         try:
             outputs = llm.generate([prompts[i] for i in indices], _params(max_tokens), use_tqdm=False)
         finally:
             unmerge_start = time.perf_counter()
             unmerge_adapter(model, saved)
+            llm.engine.runner.refresh_fused_decoder()
             llm.reset_prefix_cache()
             merge_s += time.perf_counter() - unmerge_start
         for i, got in zip(indices, _tokens(outputs, f"naive, adapter {lora.lora_name}")):

@@ -63,9 +63,13 @@ class FaultInjector:
         self._armed_kernel: Fault | None = None  # a kernel fault due in this step's forward
         self._attention_calls = 0
         self._originals: dict[str, tuple[object, Callable]] = {}
+        self._fused_decoder = None  # the runner's, set aside while installed
 
     def install(self) -> FaultInjector:
         runner = self.engine.runner
+        # Kernel faults are injected into the attention backend's Python entry, which a fused decode step (one C++
+        # call for every layer) never passes: while installed, every step runs the model's modules.
+        self._fused_decoder, runner.fused_decoder = runner.fused_decoder, None
         self._wrap(runner, "execute", self._execute)
         self._wrap(runner.backend, "forward", self._attention)
         self._wrap(runner.sampler, "_emit", self._emit)
@@ -75,6 +79,7 @@ class FaultInjector:
         for name, (owner, _) in self._originals.items():
             delattr(owner, name.rpartition(".")[2])
         self._originals.clear()
+        self.engine.runner.fused_decoder = self._fused_decoder
 
     def _wrap(self, owner: object, name: str, wrapper: Callable) -> None:
         original = getattr(owner, name)

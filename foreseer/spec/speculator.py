@@ -108,8 +108,12 @@ class Speculator(StepHook):
         contexts = [r.num_tokens for r in eligible]
         base_context = sum(r.num_tokens for r in decoding)
         # Where drafting would not pay even if fully used (a large batch), skip it altogether.
-        depth = choose_draft_depth(acceptance, room, num_base_tokens, self.cost, self.proposer.draft_step_cost,
-                                   contexts, base_context, self._catch_up_seconds(eligible, acceptance), self.scales)
+        if self.config.adaptive:
+            depth = choose_draft_depth(acceptance, room, num_base_tokens, self.cost, self.proposer.draft_step_cost,
+                                       contexts, base_context, self._catch_up_seconds(eligible, acceptance),
+                                       self.scales)
+        else:
+            depth = max(room, default=0)
         if depth == 0:
             return
         hidden = None
@@ -121,7 +125,8 @@ class Speculator(StepHook):
         drafts = self.proposer.propose(eligible, [min(n, depth) for n in room], hidden)
         self._draft_levels = max((max(tree.depths()) for tree in drafts if len(tree)), default=0)
         self._predicted_draft_seconds = self._draft_seconds(eligible, drafts, catch_up, self._draft_levels)
-        chosen = choose_draft_nodes(acceptance, drafts, num_base_tokens, self.cost, contexts, base_context)
+        chosen = drafts if not self.config.adaptive else choose_draft_nodes(
+            acceptance, drafts, num_base_tokens, self.cost, contexts, base_context)
         for request, draft in zip(eligible, chosen):
             request.draft = draft
 

@@ -11,14 +11,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from foreseer.attention import forward_context, get_backend
+from foreseer.attention import AttentionMetadata, forward_context, get_backend
 from foreseer.config import EngineConfig
 from foreseer.core.output import ModelRunnerOutput, SchedulerOutput
 from foreseer.core.request import Request
 from foreseer.layers.quantized_linear import choose_dataflows, load_kernels
-from foreseer.lora.context import lora_context
+from foreseer.lora.context import LoRABatch, lora_context
 from foreseer.lora.manager import LoRAManager
 from foreseer.models.config import ModelConfig
+from foreseer.models.cpu_decoder import FusedCpuDecoder
 from foreseer.models.loader import ModelSource, iter_weights, load_model_config, resolve_model
 from foreseer.models.registry import build_model
 from foreseer.worker.inputs import Segment, prepare_batch, runs_as_decode_rows
@@ -67,6 +68,8 @@ class ModelRunner:
         )
         for layer, cache in zip(self.model.attention_layers(), caches):
             layer.kv_cache = cache
+        self.fused_decoder: FusedCpuDecoder | None = None
+        self.refresh_fused_decoder()
         self.lora: LoRAManager | None = None  # the engine's, when it serves adapters: each step's adapter batch
         self.sampler = Sampler(config.seed)
         self.num_computed_tokens_total = 0  # tokens run through the model so far (prefill and decode)
@@ -140,8 +143,7 @@ class ModelRunner:
         self.num_computed_tokens_total += len(batch.input_ids)
         lora_batch = None if self.lora is None else self.lora.batch(
             [(item.num_new_tokens, item.request.lora_request) for item in items])
-        with forward_context(self.backend, batch.metadata), lora_context(lora_batch):
-            hidden = self.model(batch.input_ids, batch.positions)
+        hidden = self._forward(batch.input_ids, batch.positions, batch.metadata, lora_batch)
         if not sample_requests:
             return ModelRunnerOutput(sampled={})
         sample_index = batch.sample_index
@@ -165,6 +167,24 @@ class ModelRunner:
             sampled={r.request_id: t for r, t in zip(sample_requests, tokens)}, logprobs=logprobs,
             hidden_states=hidden_states, layer_states=layer_states,
         )
+
+    def refresh_fused_decoder(self) -> None:
+        """Decode steps as one C++ call where the model, its weights and the backend allow (else the modules). Call
+        again after replacing the model's modules or weights (a merged adapter): the fused decoder holds the ones
+        it was built from."""
+        self.fused_decoder = FusedCpuDecoder.build(self.model, self.backend) if self.device.type == "cpu" else None
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                 lora_batch: LoRABatch | None = None) -> torch.Tensor:
+        """The target's final hidden states for a step: one fused call for a decode step without adapters where
+        the model has a fused decoder (the same numbers), else its modules; the captured layers' outputs either way."""
+        fused = self.fused_decoder
+        if fused is not None and lora_batch is None and fused.supports(metadata, len(input_ids)):
+            hidden, captured = fused(input_ids, positions, metadata, self.capture_layers)
+            self._captured.update(captured)
+            return hidden
+        with forward_context(self.backend, metadata), lora_context(lora_batch):
+            return self.model(input_ids, positions)
 
     def _pack_accepted_kv(self, slots: list[list[int]], paths: list[list[int]]) -> None:
         """Move the KV of accepted tree nodes to the slots right after their root (a chain is in place)."""
@@ -213,9 +233,11 @@ class ModelRunner:
 
     def measure_step_costs(self, token_counts: Sequence[int], model: nn.Module | None = None,
                            compute_logits: Callable | None = None) -> StepCostModel:
-        """Time decode steps of `model` (default: the target) over this runner's KV cache: see profiling.py."""
+        """Time decode steps of `model` (default: the target, as its steps run) over this runner's KV cache: see
+        profiling.py."""
         return measure_step_costs(model or self.model, self.backend, self.block_size, self.num_blocks, self.device,
-                                  token_counts, compute_logits=compute_logits)
+                                  token_counts, compute_logits=compute_logits,
+                                  forward=None if model is not None else self._forward)
 
 
 def load_model(model_config: ModelConfig, source: ModelSource, device: torch.device, dtype: torch.dtype,

@@ -43,14 +43,22 @@ class StepCostModel:
 def measure_step_costs(
     model: nn.Module, backend: AttentionBackend, block_size: int, num_blocks: int, device: torch.device,
     token_counts: Sequence[int], repeats: int = 5, compute_logits: Callable | None = None,
+    forward: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor] | None = None,
 ) -> StepCostModel:
     """Time a step of n one-token decodes (forward and logits) for each n, on a cache nobody uses yet, and
     the same decodes of LONG_CONTEXT_ROWS rows over a long context, for attention's cost per cached token.
 
     The steps are timed in turns, `repeats` rounds after a warm-up round (kernel loading, allocations), and
     each keeps its fastest time: on a shared machine a burst of load then slows one round, not one step.
+    `forward(input_ids, positions, metadata)` runs the step as serving does (default: the model's modules).
     """
     compute_logits = compute_logits or model.compute_logits
+
+    def modules(input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        with forward_context(backend, metadata):
+            return model(input_ids, positions)
+
+    forward = forward or modules
     counts = [n for n in token_counts if -(-n // block_size) <= num_blocks]
     rows = min(LONG_CONTEXT_ROWS, counts[-1])
     context = min(LONG_CONTEXT, num_blocks // rows * block_size)
@@ -65,8 +73,7 @@ def measure_step_costs(
     for round_index in range(repeats + 1):
         for key, metadata in steps.items():
             begin = time.perf_counter()
-            with forward_context(backend, metadata):
-                hidden = model(torch.zeros_like(metadata.decode_seq_lens), metadata.decode_seq_lens - 1)
+            hidden = forward(torch.zeros_like(metadata.decode_seq_lens), metadata.decode_seq_lens - 1, metadata)
             compute_logits(hidden)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -1,13 +1,10 @@
 // The small per-layer operations of a decoder, each one call instead of the five to ten PyTorch ops (and their
-// temporaries) it takes in Python: at batch 1 those ops cost more than the layer's matmuls. float32 only; each
-// computes what the PyTorch reference computes, in the same order per element (compiled with -ffp-contract=off, so
-// no product is fused into a sum), except the order of the RMSNorm's sum of squares.
+// temporaries) it takes in Python: at batch 1 those ops cost more than the layer's matmuls. The Python bindings of
+// layer_ops.h.
+#include "layers/csrc/layer_ops.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <sleef.h>
-
-#include <cmath>
 
 namespace {
 
@@ -18,21 +15,6 @@ void check_rows(const torch::Tensor& t, const char* what) {
 
 // Rows per parallel task: one decode token is far too little work to wake a second thread.
 constexpr int64_t kRowGrain = 16;
-
-float sum_of_squares(const float* x, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
-  }
-  float lanes[8];
-  _mm256_storeu_ps(lanes, acc);
-  float sum = 0.0f;
-  for (float lane : lanes) sum += lane;
-  for (; i < n; ++i) sum += x[i] * x[i];
-  return sum;
-}
 
 }  // namespace
 
@@ -57,18 +39,11 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, t
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t x_stride = x.stride(0);
-  const float feps = static_cast<float>(eps), fH = static_cast<float>(H);
+  const float feps = static_cast<float>(eps);
   at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const float* src = xp + t * x_stride;
-      if (rp != nullptr) {
-        float* r = rp + t * r_stride;
-        for (int64_t i = 0; i < H; ++i) r[i] += src[i];
-        src = r;
-      }
-      const float inv = 1.0f / std::sqrt(sum_of_squares(src, H) / fH + feps);
-      float* dst = op + t * H;
-      for (int64_t i = 0; i < H; ++i) dst[i] = wp[i] * (src[i] * inv);
+      foreseer_ops::rms_norm_row(xp + t * x_stride, rp == nullptr ? nullptr : rp + t * r_stride, wp, feps, H,
+                                 op + t * H);
     }
   });
   return out;
@@ -85,7 +60,7 @@ void apply_rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::T
               "apply_rotary_: cos and sin must be contiguous [max_positions, head_dim]");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.dim() == 1, "apply_rotary_: positions: 1-D int64");
   positions = positions.contiguous();
-  const int64_t T = q.size(0), D = q.size(2), half = D / 2, max_pos = cos.size(0);
+  const int64_t T = q.size(0), D = q.size(2), max_pos = cos.size(0);
   TORCH_CHECK(k.size(0) == T && k.size(2) == D && cos.size(1) == D && positions.numel() == T && D % 2 == 0,
               "apply_rotary_: shapes of q, k, cos and positions disagree");
   const int64_t* pp = positions.data_ptr<int64_t>();
@@ -97,25 +72,15 @@ void apply_rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::T
   at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
     for (const auto* x : {&q, &k}) {
       float* base = x->data_ptr<float>();
-      const int64_t heads = x->size(1), s0 = x->stride(0), s1 = x->stride(1);
       for (int64_t t = begin; t < end; ++t) {
-        const float* c = cp + pp[t] * D;
-        const float* s = sp + pp[t] * D;
-        for (int64_t h = 0; h < heads; ++h) {
-          float* v = base + t * s0 + h * s1;
-          for (int64_t i = 0; i < half; ++i) {
-            const float x1 = v[i], x2 = v[i + half];
-            v[i] = x1 * c[i] + (-x2) * s[i];
-            v[i + half] = x2 * c[i + half] + x1 * s[i + half];
-          }
-        }
+        foreseer_ops::rotary_heads(base + t * x->stride(0), x->size(1), x->stride(1), cp + pp[t] * D, sp + pp[t] * D,
+                                   D);
       }
     }
   });
 }
 
-// silu(gate) * up for gate_up [T, 2 I] (gate first): [T, I]. silu(g) = g / (1 + e^-g), with Sleef's 1-ULP expf,
-// the exp PyTorch's own vectorized silu uses.
+// silu(gate) * up for gate_up [T, 2 I] (gate first): [T, I].
 torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   check_rows(gate_up, "silu_and_mul");
   const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
@@ -125,20 +90,8 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   float* op = out.data_ptr<float>();
   const int64_t stride = gate_up.stride(0);
   at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
-    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-    for (int64_t t = begin; t < end; ++t) {
-      const float* g = gp + t * stride;
-      const float* u = g + I;
-      float* o = op + t * I;
-      int64_t i = 0;
-      for (; i + 8 <= I; i += 8) {
-        const __m256 x = _mm256_loadu_ps(g + i);
-        const __m256 e = Sleef_expf8_u10(_mm256_sub_ps(zero, x));
-        const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, e));
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
-      }
-      for (; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-    }
+    for (int64_t t = begin; t < end; ++t) foreseer_ops::silu_and_mul_range(gp + t * stride, gp + t * stride + I,
+                                                                           op + t * I, I);
   });
   return out;
 }
