@@ -1,5 +1,7 @@
 """The quantized-weight kernels against the fp32 reference: the gguf package's dequantize, then torch.mm."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -118,6 +120,18 @@ def test_large_weight_every_row_count(name):
             assert_matmul_close(layer(x), x, reference)
 
 
+@pytest.mark.parametrize("name, in_features", [("Q8_0", 4128), ("F16", 3001)])
+def test_many_rows_over_long_inputs(name, in_features):
+    """Long rows: the flat GEMM's packed dataflow takes the rows of x in blocks that fit L2 (about 60 rows here),
+    and its k blocks end off their 256-step."""
+    weight = random_weight(name, 45, in_features, seed=11)
+    reference = reference_weight(weight)
+    kernels = load_kernels()
+    for rows in (12, 61, 200):
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+        assert_matmul_close(kernels.flat_matmul(x, weight.data, weight.format.ggml_type, in_features), x, reference)
+
+
 def test_parts_of_several_formats_and_a_bias():
     """A fused projection whose shards are stored in different formats, with a bias, batched input."""
     parts = [random_weight("Q4_K", 40, 256, seed=3), random_weight("Q4_K", 24, 256, seed=4),
@@ -155,11 +169,12 @@ def test_bad_shapes_are_named():
 
 
 def test_dataflows_are_measured_per_shape():
-    """The flat/tiled crossover is taken from timings: a threshold among the measured row counts, per shape."""
+    """The flat/tiled crossover is taken from timings: a threshold among the measured row counts, per shape, or no
+    limit where the flat GEMM wins at the last count."""
     model = torch.nn.Sequential(QuantizedLinear([random_weight("Q4_1", 1536, 576, seed=8)]),
                                 QuantizedLinear([random_weight("Q4_1", 1536, 576, seed=9)]),
                                 QuantizedLinear([random_weight("Q8_0", 576, 1536, seed=10)]))
     thresholds = choose_dataflows(model)
     assert len(thresholds) == 2
     assert model[0].flat_max_rows == model[1].flat_max_rows == thresholds[model[0].dataflow_key()]
-    assert all(0 <= rows <= 256 for rows in thresholds.values())
+    assert all(0 <= rows <= 256 or rows == sys.maxsize for rows in thresholds.values())

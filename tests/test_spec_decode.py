@@ -138,6 +138,21 @@ def test_speculative_config_is_validated():
         SpeculativeConfig("ngram", num_speculative_tokens=0)
     with pytest.raises(ValueError, match="unknown keys"):
         SpeculativeConfig.parse({"method": "ngram", "tokens": 3})
+    with pytest.raises(ValueError, match="adaptive"):
+        SpeculativeConfig("ngram", adaptive="no")
+
+
+def test_drafting_every_step_when_not_adaptive(tiny_llama):
+    """adaptive=False: every verification drafted to full depth (where the request had room), whatever the costs."""
+    llm = _speculating_llm(tiny_llama, kv_cache_gib=0.01)
+    prompt = list(range(5, 20)) * 3
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    stats = llm.engine.spec_stats
+    assert stats.num_verifications > 0
+    assert len(set(stats.drafted_per_position)) == 1  # every verification drafted all 4 positions
+    plain = LLM(tiny_llama, kv_cache_gib=0.01).generate([prompt], params, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == plain.outputs[0].token_ids
 
 
 def _speculating_llm(model: str, **kwargs) -> LLM:

@@ -67,9 +67,11 @@ def test_many_small_chunks_merge_exactly(chunk_tokens):
     _assert_exact(_decode(CpuPagedAttention(chunk_tokens=chunk_tokens), *inputs), _reference(*inputs))
 
 
-@pytest.mark.parametrize("head_dim, block, group", [(128, 16, 2), (32, 8, 3), (48, 16, 5), (64, 1, 4), (96, 32, 1)])
+@pytest.mark.parametrize("head_dim, block, group", [(128, 16, 2), (32, 8, 3), (48, 16, 5), (64, 1, 4), (96, 32, 1),
+                                                    (16, 16, 4), (64, 16, 6), (80, 16, 3)])
 def test_other_shapes_match(head_dim, block, group):
-    """Head sizes off the 64-dim register slices, block sizes off the 16 SIMD lanes, groups off the templates."""
+    """Head sizes off the 32-dim register slices, block sizes off the 16 SIMD lanes, groups off the register tiles
+    (which take up to 5 query heads per KV head)."""
     inputs = _caches([1, 17, 300, 1500], 2 * group, 2, head_dim=head_dim, block=block, seed=head_dim)
     _assert_exact(_decode(CpuPagedAttention(), *inputs), _reference(*inputs))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -194,7 +195,9 @@ _measured: dict[tuple, int] = {}  # by dataflow_key: a process times each shape 
 
 @torch.inference_mode()
 def _flat_max_rows(module: QuantizedLinear, key: tuple, repeats: int = 3) -> int:
-    """The largest row count at which the flat GEMM is faster, counting up until the tiles win twice in a row."""
+    """The largest row count at which the flat GEMM is faster, counting up until the tiles win twice in a row; no
+    limit if the flat GEMM still wins at the last count (it packs panels as BLAS does, and its lead holds as the
+    rows grow)."""
     if key in _measured:
         return _measured[key]
     best, losses = 0, 0
@@ -213,5 +216,5 @@ def _flat_max_rows(module: QuantizedLinear, key: tuple, repeats: int = 3) -> int
             losses += 1
             if losses == 2:
                 break
-    _measured[key] = best
+    _measured[key] = best = sys.maxsize if best == _ROW_COUNTS[-1] else best
     return best

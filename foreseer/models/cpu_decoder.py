@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 
 import torch
 
@@ -73,7 +74,8 @@ class FusedCpuDecoder:
             logger.info("decode steps run the model's modules: %s", reason)
             return None
         decoder = cls(model, backend, kernels)
-        logger.info("decode steps of up to %d rows run as one fused C++ call", decoder.max_rows)
+        rows = "any number of" if decoder.max_rows == sys.maxsize else f"up to {decoder.max_rows}"
+        logger.info("decode steps of %s rows run as one fused C++ call", rows)
         return decoder
 
     @staticmethod

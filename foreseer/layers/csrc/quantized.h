@@ -28,6 +28,13 @@ inline float half_at(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
+// The two float16 values at p and p + 2 (a block's scale and min), converted together.
+inline __m128 halves_at(const uint8_t* p) {
+  int32_t bits;
+  std::memcpy(&bits, p, 4);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+}
+
 // Bit i of `bits` >> shift, for 8 lanes, as int32 0/1.
 inline __m256i bit_lanes(uint32_t bits) {
   return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(bits)),
@@ -89,9 +96,9 @@ struct Q4_1 {
     for (int v = 0; v < 4; ++v) q[v] = _mm256_cvtepi32_ps(n[v]);
   }
   static inline Scales scales(const uint8_t* row, int64_t s) {
-    const uint8_t* b = row + s * kBytes;
-    const float d = half_at(b);
-    return {d, d, half_at(b + 2)};  // d q + m
+    const __m128 dm = halves_at(row + s * kBytes);
+    const float d = _mm_cvtss_f32(dm);
+    return {d, d, _mm_cvtss_f32(_mm_movehdup_ps(dm))};  // d q + m
   }
 };
 
@@ -127,9 +134,9 @@ struct Q5_1 {
     five_bit(b + 4, b + 8, q);
   }
   static inline Scales scales(const uint8_t* row, int64_t s) {
-    const uint8_t* b = row + s * kBytes;
-    const float d = half_at(b);
-    return {d, d, half_at(b + 2)};
+    const __m128 dm = halves_at(row + s * kBytes);
+    const float d = _mm_cvtss_f32(dm);
+    return {d, d, _mm_cvtss_f32(_mm_movehdup_ps(dm))};
   }
 };
 
@@ -163,8 +170,9 @@ inline void scale_min_k4(int64_t j, const uint8_t* q, float* scale, float* min) 
 inline Scales k_scales(const uint8_t* b, int64_t j) {
   float sc, mn;
   scale_min_k4(j, b + 4, &sc, &mn);
-  const float d = half_at(b) * sc;
-  return {d, d, -(half_at(b + 2) * mn)};
+  const __m128 dm = halves_at(b);
+  const float d = _mm_cvtss_f32(dm) * sc;
+  return {d, d, -(_mm_cvtss_f32(_mm_movehdup_ps(dm)) * mn)};
 }
 
 // The 32 low (even j) or high (odd j) nibbles of 32 bytes as int32 lanes, 8 a register.
@@ -414,6 +422,111 @@ void dequantize_row(const uint8_t* row, int64_t K, float* out) {
   for (int64_t k = 32 * pieces; k < K; ++k) out[k] = tail_at<F>(row, k);
 }
 
+// The packed dataflow, for many rows of x: BLAS's, with the dequantization inside the packing. Panels of kPanel weight
+// rows are dequantized and transposed into [kc][kPanel] floats (k blocks of kPanelDepth, so that a panel stays in
+// L1), then every strip of kStrip rows of x is multiplied by the panel with a kStrip x kPanel register tile: per k,
+// two panel loads and kStrip broadcasts feed 2 * kStrip multiply-adds. Each weight is dequantized once per call.
+constexpr int64_t kPanel = 16, kStrip = 6, kPanelDepth = 256, kXBlockBytes = 1 << 20;
+constexpr int64_t kPackedMinRows = 12;  // from here on, packing costs less than dequantizing per 8 rows
+
+// c[r * ldc + j] (+)= sum_k x[r * ldx + k] * panel[k * kPanel + j] for R rows and j < kPanel; `accumulate`: add to c.
+template <int R>
+inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t kc, float* c, int64_t ldc,
+                       bool accumulate) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = accumulate ? _mm256_loadu_ps(c + r * ldc) : _mm256_setzero_ps();
+    acc[r][1] = accumulate ? _mm256_loadu_ps(c + r * ldc + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(panel + k * kPanel), b1 = _mm256_loadu_ps(panel + k * kPanel + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+    _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+  }
+}
+
+// The 8 x 8 floats of rows r[0..7] as columns: out[i][j] = r[j][i].
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// panel[k * kPanel + j] = rows[j * ld + k] for k < kc, j < kPanel: 8 x 8 blocks transposed in registers.
+inline void pack_panel(const float* rows, int64_t ld, int64_t kc, float* panel) {
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    for (int64_t j0 = 0; j0 < kPanel; j0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows + (j0 + i) * ld + k);
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k + i) * kPanel + j0, r[i]);
+    }
+  }
+  for (; k < kc; ++k) {
+    for (int64_t j = 0; j < kPanel; ++j) panel[k * kPanel + j] = rows[j * ld + k];
+  }
+}
+
+template <class F>
+void packed_rows(const uint8_t* w, int64_t row_bytes, int64_t K, const float* x, int64_t M, float* out, int64_t ldo,
+                 int64_t n0, int64_t n1) {
+  // Blocks of rows of x small enough (about 1 MB) to stay in L2 while every panel passes over them; each block
+  // dequantizes the panels again, once per its many rows.
+  const int64_t block = std::max<int64_t>(4 * kStrip, (kXBlockBytes / (4 * K)) / kStrip * kStrip);
+  std::vector<float> rows(kPanel * K), panel(kPanelDepth * kPanel), tile(std::min(block, M) * kPanel);
+  for (int64_t m0 = 0; m0 < M; m0 += block) {
+    const int64_t mb = std::min(block, M - m0);
+    const float* xb = x + m0 * K;
+    for (int64_t p = n0; p < n1; p += kPanel) {
+      const int64_t width = std::min(kPanel, n1 - p);
+      for (int64_t j = 0; j < width; ++j) dequantize_row<F>(w + (p + j) * row_bytes, K, rows.data() + j * K);
+      std::fill(rows.begin() + width * K, rows.end(), 0.0f);
+      for (int64_t k0 = 0; k0 < K; k0 += kPanelDepth) {
+        const int64_t kc = std::min(kPanelDepth, K - k0);
+        pack_panel(rows.data() + k0, K, kc, panel.data());
+        int64_t m = 0;
+        for (; m + kStrip <= mb; m += kStrip) {
+          panel_tile<kStrip>(xb + m * K + k0, K, panel.data(), kc, tile.data() + m * kPanel, kPanel, k0 > 0);
+        }
+        const float* xm = xb + m * K + k0;
+        float* tm = tile.data() + m * kPanel;
+        switch (mb - m) {
+          case 5: panel_tile<5>(xm, K, panel.data(), kc, tm, kPanel, k0 > 0); break;
+          case 4: panel_tile<4>(xm, K, panel.data(), kc, tm, kPanel, k0 > 0); break;
+          case 3: panel_tile<3>(xm, K, panel.data(), kc, tm, kPanel, k0 > 0); break;
+          case 2: panel_tile<2>(xm, K, panel.data(), kc, tm, kPanel, k0 > 0); break;
+          case 1: panel_tile<1>(xm, K, panel.data(), kc, tm, kPanel, k0 > 0); break;
+          default: break;
+        }
+      }
+      for (int64_t r = 0; r < mb; ++r) {
+        std::copy(tile.data() + r * kPanel, tile.data() + r * kPanel + width, out + (m0 + r) * ldo + p);
+      }
+    }
+  }
+}
+
 constexpr int64_t kRowBlock = 32;  // weight rows per block of flat_rows
 
 // out[m * ldo + n] = x[m] . W[n] for the M rows of x (K floats apart) and weight rows n in [n0, n1) (row_bytes
@@ -450,6 +563,7 @@ void flat_rows(const uint8_t* w, int64_t row_bytes, int64_t K, const float* x, i
       return;
     }
   }
+  if (M >= kPackedMinRows) return packed_rows<F>(w, row_bytes, K, x, M, out, ldo, n0, n1);
   for (int64_t b0 = n0; b0 < n1; b0 += kRowBlock) {
     const int64_t b1 = std::min(n1, b0 + kRowBlock);
     int64_t m = 0;
