@@ -143,16 +143,18 @@ def test_speculative_config_is_validated():
 
 
 def test_drafting_every_step_when_not_adaptive(tiny_llama):
-    """adaptive=False: every verification drafted to full depth (where the request had room), whatever the costs."""
-    llm = _speculating_llm(tiny_llama, kv_cache_gib=0.01)
+    """adaptive=False drafts wherever the proposer finds a draft, even where the cost model says it never pays;
+    adaptive=True then drafts nothing. Both stay exact."""
     prompt = list(range(5, 20)) * 3
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    out = llm.generate([prompt], params, use_tqdm=False)[0]
-    stats = llm.engine.spec_stats
-    assert stats.num_verifications > 0
-    assert len(set(stats.drafted_per_position)) == 1  # every verification drafted all 4 positions
     plain = LLM(tiny_llama, kv_cache_gib=0.01).generate([prompt], params, use_tqdm=False)[0]
-    assert out.outputs[0].token_ids == plain.outputs[0].token_ids
+    for adaptive in (True, False):
+        llm = LLM(tiny_llama, kv_cache_gib=0.01, speculative_config={**NGRAM, "adaptive": adaptive})
+        llm.engine.speculator.cost = StepCostModel([1, 2], [1.0, 100.0])  # a second row costs 99 steps
+        llm.engine.speculator.config.calibrate = False
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == plain.outputs[0].token_ids
+        assert (llm.engine.spec_stats.num_verifications > 0) == (not adaptive)
 
 
 def _speculating_llm(model: str, **kwargs) -> LLM:
