@@ -140,6 +140,7 @@ class LoRAConfig:
 @dataclass
 class EngineConfig:
     model: str = "smollm2-135m-instruct"  # model name, GGUF file or Hugging Face model directory
+    tokenizer: str | None = None  # where the tokenizer and chat template come from (default: the model)
     dtype: str = "auto"  # activations: auto is float32 on CPU, bfloat16 on GPU
     # Weights in memory: "auto" keeps them as the checkpoint stores them (GGUF blocks, F16, BF16), computed by
     # kernels that dequantize in registers (exact); "float32" expands them at load (the reference path).

@@ -36,10 +36,27 @@ def _make_tokenizer(directory: str):
     return fast
 
 
+# Each architecture's transformers classes and what its tiny model sets beyond the common shape: windows of 8
+# tokens (with block_size 4, requests run past them within a test), a head size that is not hidden / heads (Qwen 3),
+# a query scale that is not head_dim's (Gemma), Gemma 2's soft-caps.
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"num_hidden_layers": 4, "sliding_window": 8,
+                                                     "query_pre_attn_scalar": 24, "head_dim": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"num_hidden_layers": 6, "sliding_window": 8,
+                                                         "query_pre_attn_scalar": 24, "head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 8, "pad_token_id": 0}),
+}
+
+
 def make_tiny_model(directory: str, arch: str = "llama", seed: int = 0, **overrides) -> str:
     """Save a random-weight model (bfloat16) and a small BPE tokenizer as an HF directory; returns the directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
+    config_name, model_name, specific = ARCHITECTURES[arch]
     tokenizer = _make_tokenizer(directory)
     common = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -48,10 +65,10 @@ def make_tiny_model(directory: str, arch: str = "llama", seed: int = 0, **overri
         # Large weights make logits spread out, so greedy choices are not decided by rounding.
         initializer_range=0.15,
     )
+    common.update(specific)
     common.update(overrides)
-    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**common))
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**common))
     # bfloat16 on disk: the engine keeps such weights as stored (its quantized-weight kernels), so every test on a
     # tiny model runs that path; transformers, loading with dtype=float32, computes with the same values.
     model.to(torch.bfloat16).save_pretrained(directory)

@@ -7,8 +7,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 from gguf.quants import quantize
 
-from foreseer.models.config import ModelConfig
-from foreseer.models.loader import iter_weights, load_model_config, resolve_model
+from foreseer.models.loader import config_from_hf_dict, iter_weights, load_model_config, resolve_model
+from foreseer.models.registry import build_model
 
 HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 64
 
@@ -78,7 +78,7 @@ def test_gguf_types_and_rotary_layout_match_transformers(tmp_path):
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) == \
         (HIDDEN, FFN, HEADS, KV_HEADS)
     assert cfg.rope_theta == 50000.0 and not cfg.tie_word_embeddings and cfg.vocab_size == VOCAB
-    ours = dict(iter_weights(source, cfg))
+    ours = dict(iter_weights(source, build_model(cfg)))
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_config = load_gguf_checkpoint(path)["config"]
@@ -92,30 +92,27 @@ def test_gguf_types_and_rotary_layout_match_transformers(tmp_path):
 
 
 def test_loaded_gguf_model_runs(tmp_path):
-    from foreseer.models.registry import build_model
-
     path = str(tmp_path / "tiny.gguf")
     _write_gguf(path)
     source = resolve_model(path)
-    cfg = load_model_config(source)
-    model = build_model(cfg)
-    model.load_weights(iter_weights(source, cfg))
-    torch.testing.assert_close(model.lm_head.weight, dict(iter_weights(source, cfg))["lm_head.weight"])
+    model = build_model(load_model_config(source))
+    model.load_weights(iter_weights(source, model))
+    torch.testing.assert_close(model.lm_head.weight, dict(iter_weights(source, model))["lm_head.weight"])
 
 
 def test_hf_config_parsing():
     base = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
             "vocab_size": 100}
-    qwen = ModelConfig.from_hf_dict({**base, "architectures": ["Qwen2ForCausalLM"], "num_key_value_heads": 2,
-                                     "eos_token_id": [5, 6]})
+    qwen = config_from_hf_dict({**base, "architectures": ["Qwen2ForCausalLM"], "num_key_value_heads": 2,
+                                "eos_token_id": [5, 6]})
     assert qwen.qkv_bias and qwen.num_key_value_heads == 2 and qwen.head_dim == 16 and qwen.eos_token_ids == [5, 6]
-    llama = ModelConfig.from_hf_dict({**base, "model_type": "llama", "rope_parameters": {
+    llama = config_from_hf_dict({**base, "model_type": "llama", "rope_parameters": {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})
     assert llama.rope_theta == 500000.0 and llama.rope_scaling["rope_type"] == "llama3"
     assert not llama.qkv_bias and llama.num_key_value_heads == 4
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
-        ModelConfig.from_hf_dict({**base, "architectures": ["GPT2LMHeadModel"]})
+        config_from_hf_dict({**base, "architectures": ["GPT2LMHeadModel"]})
 
 
 def test_missing_model_paths_get_clear_errors(tmp_path):

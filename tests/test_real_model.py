@@ -9,6 +9,7 @@ from helpers import hf_greedy
 
 from foreseer import SamplingParams
 from foreseer.models.loader import iter_weights, load_model_config, resolve_model
+from foreseer.models.registry import build_model
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def test_weights_match_transformers_gguf_loading(hf_real_model):
     hf, _ = hf_real_model
     source = resolve_model("smollm2-135m-instruct")
     assert source.path == real_model_path()
-    ours = dict(iter_weights(source, load_model_config(source)))
+    ours = dict(iter_weights(source, build_model(load_model_config(source))))
     theirs = hf.state_dict()
     assert set(ours) == set(theirs) - {"lm_head.weight"}  # tied to the embeddings
     for name, tensor in ours.items():

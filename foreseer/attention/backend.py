@@ -49,8 +49,10 @@ class AttentionBackend(ABC):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata, scale: float,
+        window: int | None = None, softcap: float | None = None,
     ) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, Hkv, D]; returns [T, H, D]."""
+        """q: [T, H, D]; k, v: [T, Hkv, D]; returns [T, H, D]. window: each query attends to the last `window`
+        tokens up to itself; softcap: scores become softcap * tanh(score / softcap) before the softmax."""
 
     @abstractmethod
     def move_kv(self, kv_cache: tuple[torch.Tensor, torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:

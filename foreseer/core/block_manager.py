@@ -2,6 +2,10 @@
 
 Blocks may also be reserved for other data of the same pool (S-LoRA's unified memory: a loaded LoRA adapter's
 pages): a reserved block is neither free nor a request's until it is given back.
+
+With a window (a model whose every layer attends to the last `window` tokens alone), a request's blocks wholly
+behind its window are given back as its computation moves on; their places in its block table hold FREED, so that
+a block's index stays its tokens' position // block_size. They keep their hashes, as any freed block does.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ if TYPE_CHECKING:  # the request module imports the speculative decoding package
     from foreseer.core.request import Request
 
 
+FREED = -1  # a block table's entry for a block given back because it fell behind the attention window
+
+
 @dataclass
 class Block:
     block_id: int
@@ -24,12 +31,14 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 window: int | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window  # every query reads only the keys of its last `window` positions
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Unreferenced blocks in eviction order; freed blocks keep their hash until reused (lazy eviction).
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -105,7 +114,19 @@ class BlockManager:
             self._take(block_id)
             self._forget_hash(self.blocks[block_id])
             request.block_table.append(block_id)
+        self._release_behind_window(request, num_computed)
         return True
+
+    def _release_behind_window(self, request: Request, first_query: int) -> None:
+        """Give back the blocks no query from position `first_query` on reads: those wholly before its window."""
+        if self.window is None:
+            return
+        behind = max(first_query - self.window + 1, 0) // self.block_size
+        for index in range(min(behind, len(request.block_table))):
+            block_id = request.block_table[index]
+            if block_id != FREED:
+                self._release(block_id)
+                request.block_table[index] = FREED
 
     def cache_computed_blocks(self, request: Request) -> None:
         """Register the request's computed full blocks so later requests can share them."""
@@ -113,6 +134,8 @@ class BlockManager:
             return
         self._hash_full_blocks(request, request.num_computed_tokens)
         for i in range(request.num_computed_tokens // self.block_size):
+            if request.block_table[i] == FREED:  # registered before it fell behind the window
+                continue
             block = self.blocks[request.block_table[i]]
             block_hash = request.block_hashes[i]
             if block.hash is None and block_hash not in self.cached:
@@ -137,11 +160,15 @@ class BlockManager:
     def _release_tail(self, request: Request, keep: int) -> None:
         # Tail blocks are freed first, so they are evicted before the shared prefix blocks.
         for block_id in reversed(request.block_table[keep:]):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_blocks[block_id] = None
+            if block_id != FREED:
+                self._release(block_id)
         del request.block_table[keep:]
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_blocks[block_id] = None
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -117,7 +117,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or context
         self.policy = get_policy(config.scheduler.policy, config.scheduler)
         length_predictor = self._length_predictor()
-        self.tokenizer = load_tokenizer(self.source)
+        self.tokenizer = load_tokenizer(self.source if config.tokenizer is None else resolve_model(config.tokenizer))
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -127,8 +127,11 @@ class LLMEngine:
             runner = self.runner
             self.lora = LoRAManager(config.lora, runner.model, runner.device, runner.dtype, runner.kv_bytes_per_block())
             runner.use_lora(self.lora)
+        # Where no layer reads further back than a window, the blocks behind it are given back as requests move on.
+        cfg = self.model_config
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+            window=cfg.sliding_window if cfg.every_layer_slides else None,
         )
         gate = None
         if self.lora is not None:  # LoRA adapters: admission within the device slots

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (non-interleaved, HF layout) with default, linear and llama3 scaling."""
+"""Rotary position embeddings (non-interleaved, HF layout) with default, linear and llama3 scaling, and GGUF's
+per-dimension frequency factors (rope_freqs)."""
 
 import functools
 import math
@@ -10,8 +11,13 @@ from torch import nn
 from foreseer.layers.cpu_kernels import layer_ops
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None,
+                  freq_factors: tuple[float, ...] | None = None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if freq_factors is not None:  # llama.cpp divides each dimension's frequency by its factor
+        if len(freq_factors) != head_dim // 2:
+            raise ValueError(f"rope_freqs holds {len(freq_factors)} factors, expected {head_dim // 2}")
+        inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float32)
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":
         return inv_freq
@@ -31,10 +37,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
+                 freq_factors: list[float] | None = None) -> None:
         super().__init__()
         cos, sin = _cos_sin(head_dim, max_positions, theta, tuple(sorted((scaling or {}).items())),
-                            torch.get_default_device())
+                            None if freq_factors is None else tuple(freq_factors), torch.get_default_device())
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -50,12 +57,12 @@ class RotaryEmbedding(nn.Module):
 
 
 @functools.cache
-def _cos_sin(head_dim: int, max_positions: int, theta: float, scaling_items: tuple, device: torch.device
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def _cos_sin(head_dim: int, max_positions: int, theta: float, scaling_items: tuple,
+             freq_factors: tuple[float, ...] | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The cos and sin tables [max_positions, head_dim], one pair shared by every layer of a model (a 2k-position
     model's tables are as large as a small model's weights)."""
     scaling = dict(scaling_items) or None
-    inv_freq = rope_inv_freq(head_dim, theta, scaling).to(device)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, freq_factors).to(device)
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()

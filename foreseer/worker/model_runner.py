@@ -255,7 +255,7 @@ def load_model(model_config: ModelConfig, source: ModelSource, device: torch.dev
             model = build_model(model_config)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(iter_weights(source, model_config, keep_formats), device)
+    model.load_weights(iter_weights(source, model, keep_formats), device, from_gguf=source.is_gguf)
     if keep_formats:
         choose_dataflows(model)
     _release_freed_memory()

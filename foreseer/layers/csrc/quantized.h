@@ -59,8 +59,11 @@ inline void nibble_lanes(const uint8_t* p, __m256i out[4]) {
   out[3] = _mm256_srli_epi32(second, 4);
 }
 
-inline __m256 u8_lanes(const uint8_t* p) {  // 8 bytes as floats
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+// The 32 nibbles of 16 bytes (nibble_lanes) as floats.
+inline void nibble_floats(const uint8_t* p, __m256 q[4]) {
+  __m256i n[4];
+  nibble_lanes(p, n);
+  for (int v = 0; v < 4; ++v) q[v] = _mm256_cvtepi32_ps(n[v]);
 }
 
 // How a block format's 32-weight piece maps its integer quants q to weights: w = scale * q + offset, where scale is
@@ -76,11 +79,7 @@ struct Scales {
 struct Q4_0 {
   static constexpr int64_t kElems = 32, kBytes = 18;
   static constexpr bool kBlockQuant = true, kTwoScales = false, kOffset = true;
-  static inline void quants(const uint8_t* row, int64_t s, __m256 q[4]) {
-    __m256i n[4];
-    nibble_lanes(row + s * kBytes + 2, n);
-    for (int v = 0; v < 4; ++v) q[v] = _mm256_cvtepi32_ps(n[v]);
-  }
+  static inline void quants(const uint8_t* row, int64_t s, __m256 q[4]) { nibble_floats(row + s * kBytes + 2, q); }
   static inline Scales scales(const uint8_t* row, int64_t s) {
     const float d = half_at(row + s * kBytes);
     return {d, d, -8.0f * d};  // d (q - 8)
@@ -90,11 +89,7 @@ struct Q4_0 {
 struct Q4_1 {
   static constexpr int64_t kElems = 32, kBytes = 20;
   static constexpr bool kBlockQuant = true, kTwoScales = false, kOffset = true;
-  static inline void quants(const uint8_t* row, int64_t s, __m256 q[4]) {
-    __m256i n[4];
-    nibble_lanes(row + s * kBytes + 4, n);
-    for (int v = 0; v < 4; ++v) q[v] = _mm256_cvtepi32_ps(n[v]);
-  }
+  static inline void quants(const uint8_t* row, int64_t s, __m256 q[4]) { nibble_floats(row + s * kBytes + 4, q); }
   static inline Scales scales(const uint8_t* row, int64_t s) {
     const __m128 dm = halves_at(row + s * kBytes);
     const float d = _mm_cvtss_f32(dm);
