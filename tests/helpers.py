@@ -3,6 +3,7 @@ and a server on a loopback port."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ from foreseer.config import EngineConfig
 from foreseer.engine.async_engine import AsyncLLMEngine
 from foreseer.engine.engine import LLMEngine
 from foreseer.server import create_app
-from foreseer.server.protocol import MAX_BODY_BYTES
+from foreseer.server.config import ServerConfig
 
 
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None) -> list[list[int]]:
@@ -57,15 +58,18 @@ def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[i
 
 
 @contextmanager
-def running_server(model: str, max_waiting_requests: int = 256, api_key: str | None = None,
-                   lora_modules: Mapping[str, str] | None = None, protect_metrics: bool = False,
-                   max_body_bytes: int = MAX_BODY_BYTES, **engine_args) -> Iterator[tuple[str, AsyncLLMEngine]]:
-    """A server on a free loopback port, in a thread; stops (and stops its engine) when the block ends."""
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig.from_kwargs(model, **engine_args)), max_waiting_requests)
+def running_server(model: str, lora_modules: Mapping[str, str] | None = None,
+                   **options) -> Iterator[tuple[str, AsyncLLMEngine]]:
+    """A server on a free loopback port, in a thread; stops (and stops its engine) when the block ends. `options`
+    are ServerConfig's fields and the engine's arguments."""
+    server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
+    config = ServerConfig(**{k: v for k, v in options.items() if k in server_fields})
+    engine_args = {k: v for k, v in options.items() if k not in server_fields}
+    engine = AsyncLLMEngine(LLMEngine(EngineConfig.from_kwargs(model, **engine_args)), config.max_waiting_requests,
+                            config.step_timeout_s)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    app = create_app(engine, api_key=api_key, lora_modules=lora_modules, protect_metrics=protect_metrics,
-                     max_body_bytes=max_body_bytes)
+    app = create_app(engine, config, lora_modules)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

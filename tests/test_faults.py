@@ -9,7 +9,7 @@ import pytest
 
 from foreseer.config import EngineConfig
 from foreseer.engine.engine import LLMEngine
-from foreseer.engine.faults import Fault, FaultInjector
+from foreseer.engine.faults import Fault, FaultInjector, answers, run_requests
 from foreseer.sampling_params import SamplingParams
 from tests.helpers import random_prompts
 
@@ -35,35 +35,17 @@ def _requests(vocab: int) -> list[tuple[str, list[int], SamplingParams]]:
 
 
 def _run(engine: LLMEngine, faults: list[Fault]) -> tuple[dict, FaultInjector]:
-    injector = FaultInjector(engine, faults).install()
-    try:
-        for request_id, prompt, params in _requests(engine.model_config.vocab_size):
-            engine.add_request(request_id, prompt, params)
-        finals = {}
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                if output.finished:
-                    finals[output.request_id] = output
-    finally:
-        injector.remove()
+    finals, injector = run_requests(engine, _requests(engine.model_config.vocab_size), faults)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks, "a failed step leaked KV blocks"
     assert not engine.scheduler.suspects
     return finals, injector
-
-
-def _answers(finals: dict) -> dict:
-    """Each completed request's tokens and text, and its logprobs rounded: a batch of another shape sums in
-    another order, which moves a logprob in its 7th digit."""
-    return {rid: [(c.token_ids, c.text, c.logprobs and [{t: round(lp.logprob, 4) for t, lp in top.items()}
-                                                        for top in c.logprobs]) for c in out.outputs]
-            for rid, out in finals.items() if out.error is None}
 
 
 @pytest.fixture(scope="module")
 def reference(engine) -> dict:
     finals, _ = _run(engine, [])
     assert len(finals) == NUM_REQUESTS and all(o.error is None for o in finals.values())
-    return _answers(finals)
+    return answers(finals)
 
 
 @pytest.mark.parametrize("faults, failed", [
@@ -93,7 +75,7 @@ def test_a_fault_fails_only_its_requests_and_the_rest_are_exact(engine, referenc
         assert all(c.finish_reason == "error" for c in finals[rid].outputs)
     # Unseeded sampling would differ anyway; these requests are greedy or seeded, so the rest must be exact.
     expected = {rid: answer for rid, answer in reference.items() if rid not in failed}
-    assert _answers(finals) == expected
+    assert answers(finals) == expected
     assert engine.num_faults > num_faults
     last = engine.faults[-1]
     assert last.stage == "execute" and "InjectedFault" in last.error
@@ -121,7 +103,7 @@ def test_a_fault_in_a_step_hook_before_scheduling_fails_nothing(engine, referenc
         finals, _ = _run(engine, [])
     finally:
         engine.hooks[:] = hooks
-    assert _answers(finals) == reference
+    assert answers(finals) == reference
     assert engine.faults[-1].stage == "before_schedule" and engine.faults[-1].failed == []
 
 
@@ -142,7 +124,7 @@ def test_an_unrecoverable_fault_in_the_update_fails_the_steps_requests_and_the_e
     assert fault.stage == "update" and fault.failed
     failed = {rid for rid, out in finals.items() if out.error is not None}
     assert failed == {sequence.rpartition("#")[0] for sequence in fault.failed}
-    assert _answers(finals) == {rid: a for rid, a in reference.items() if rid not in failed}
+    assert answers(finals) == {rid: a for rid, a in reference.items() if rid not in failed}
     monkeypatch.undo()
     finals, _ = _run(engine, [])  # and the engine serves on
-    assert _answers(finals) == reference
+    assert answers(finals) == reference

@@ -11,10 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -22,6 +18,7 @@ import httpx
 from foreseer.bench.report import write_json
 from foreseer.bench.serve import ServeBenchArgs
 from foreseer.bench.serve import run as run_serve_bench
+from foreseer.bench.server_process import serve
 
 
 @dataclass
@@ -37,26 +34,6 @@ class PolicyBenchArgs:
     plot: str | None = None  # PNG of latency against request rate per policy
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(process: subprocess.Popen, base_url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ValueError(f"the server exited with status {process.returncode} before it was ready")
-        try:
-            if httpx.get(f"{base_url}/v1/models", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise ValueError(f"the server was not ready after {timeout_s:.0f} s")
-
-
 def _warm_up(base_url: str, timeout_s: float) -> None:
     """One short request before the timed ones, so that no policy's first rate pays the server's first-call costs."""
     model = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"][0]["id"]
@@ -65,28 +42,16 @@ def _warm_up(base_url: str, timeout_s: float) -> None:
 
 
 def _bench_policy(policy: str, args: PolicyBenchArgs) -> list[dict]:
-    port = _free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "foreseer.cli", "serve", "--port", str(port), "--log-level", "warning",
-               "--scheduling-policy", policy, *shlex.split(args.server_args)]
-    print(f"policy {policy}: {shlex.join(command)}", flush=True)
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    try:
-        _wait_ready(process, base_url, args.startup_timeout_s)
-        _warm_up(base_url, args.startup_timeout_s)
+    with serve(["--scheduling-policy", policy, *shlex.split(args.server_args)], args.startup_timeout_s,
+               f"policy {policy}") as server:
+        _warm_up(server.base_url, args.startup_timeout_s)
         results = []
         for rate in args.request_rates:
-            serve = dataclasses.replace(args.serve, base_url=base_url, request_rate=rate, output_json=None)
-            report = run_serve_bench(serve)
+            bench = dataclasses.replace(args.serve, base_url=server.base_url, request_rate=rate, output_json=None)
+            report = run_serve_bench(bench)
             report.pop("requests")
             results.append({"policy": policy, "request_rate": rate, **report})
         return results
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def run(args: PolicyBenchArgs) -> dict:

@@ -48,6 +48,8 @@ COMMANDS: tuple[Command | Group, ...] = (
         Command("serve", "online serving benchmark against an OpenAI-compatible server", "foreseer.cli.bench.serve"),
         Command("policies", "scheduling policies (fcfs, sjf, its oracle, mlfq, s3) on a burst of requests: "
                             "latency mean, p50, p99, longest wait", "foreseer.cli.bench.policies"),
+        Command("reliability", "fuzzing from the OpenAPI schema, overload, disconnects, a soak and injected "
+                "faults: the figures", "foreseer.cli.bench.reliability"),
     )),
     Command("serve", "OpenAI-compatible HTTP server", "foreseer.cli.serve"),
     Group("spec", "speculative decoding tools", (

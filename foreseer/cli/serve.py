@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 
-from foreseer.commands import add_engine_arguments, make_llm
-from foreseer.server.protocol import MAX_BODY_BYTES
+from foreseer.commands import add_dataclass_arguments, add_engine_arguments, from_args, make_llm
+from foreseer.server.config import ServerConfig
 
 
 def lora_module(value: str) -> tuple[str, str]:
@@ -43,19 +44,12 @@ def _lora_modules(args: argparse.Namespace) -> dict[str, str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
-    parser.add_argument("--max-waiting-requests", type=int, default=256,
-                        help="sequences that may wait for the engine; beyond, requests get 503 with Retry-After")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1 endpoints")
-    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
-                        help="a request body larger than this gets a 413 before it is read whole")
-    parser.add_argument("--protect-metrics", action="store_true",
-                        help="with --api-key, /metrics needs the key too (by default it is open, for scrapers)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level")
     parser.add_argument("--lora-modules", nargs="+", type=lora_module, default=None, metavar="NAME=PATH",
                         help="LoRA adapters served by name (the request's `model` field), as name=path or vLLM's "
                              '\'{"name": ..., "path": ...}\'; needs --enable-lora')
+    add_dataclass_arguments(parser.add_argument_group("server"), ServerConfig)
     add_engine_arguments(parser)
 
 
@@ -65,13 +59,16 @@ def main(args: argparse.Namespace) -> int:
     from foreseer.engine.async_engine import AsyncLLMEngine
     from foreseer.server import create_app
 
-    if args.protect_metrics and args.api_key is None:
-        raise ValueError("--protect-metrics needs --api-key")
-    lora_modules = _lora_modules(args)  # before the model loads: a typo fails fast
-    engine = AsyncLLMEngine(make_llm(args).engine, max_waiting_requests=args.max_waiting_requests)
-    app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
-                     lora_modules=lora_modules, protect_metrics=args.protect_metrics,
-                     max_body_bytes=args.max_body_bytes)
+    config = from_args(ServerConfig, args)  # before the model loads: a bad flag fails fast
+    lora_modules = _lora_modules(args)
+    engine = AsyncLLMEngine(make_llm(args).engine, config.max_waiting_requests, config.step_timeout_s)
+    app = create_app(engine, config, lora_modules)
     # uvicorn drains on SIGTERM: it stops listening, lets running requests finish, then the app stops the engine.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # Then it raises the signal again, to whatever handler was there before it: with this one, which ignores it, a
+    # drained shutdown exits 0, as service managers expect.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: None)
+    # Its own header limit sits above the app's, so that the app's 431 names the limit.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                h11_max_incomplete_event_size=2 * config.max_header_bytes + 4096)
     return 0

@@ -11,8 +11,10 @@ import asyncio
 import copy
 import logging
 import queue
+import sys
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,6 +30,11 @@ logger = logging.getLogger(__name__)
 Prompt = str | list[int]
 T = TypeVar("T")
 
+MAX_WAITING_REQUESTS = 256  # sequences that may wait for the engine; beyond, add_requests raises EngineOverloadedError
+STEP_TIMEOUT_S = 120.0  # a step running longer is reported hung; CPU prefill chunks take seconds, not minutes
+DEGRADED_WINDOW_S = 300.0  # /health reports "degraded" this long after a step fault
+WATCHDOG_PERIOD_S = 1.0
+
 
 class EngineOverloadedError(Exception):
     """The waiting queue is full: the client should retry later."""
@@ -37,6 +44,24 @@ class EngineNotRunningError(Exception):
     """The engine is not started, is stopping, or failed."""
 
 
+class RequestFailedError(Exception):
+    """The engine gave up on this request (a fault traced to it, an adapter that could no longer be read); the
+    other requests go on."""
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    status: str  # "ok"; "degraded": a step fault in the last DEGRADED_WINDOW_S; "hung": a step over its limit
+    num_faults: int = 0  # step faults since the start
+    last_fault: str | None = None  # the newest one: its stage, error, and the requests it failed
+    step_seconds: float | None = None  # how long the step now running has taken, if one is
+
+    @property
+    def serving(self) -> bool:
+        """Whether requests are being served: degraded still serves; a hung step serves nobody."""
+        return self.status != "hung"
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot published by the engine thread; replaced as a whole, so readers in other threads see it whole."""
@@ -44,6 +69,7 @@ class EngineStats:
     num_running: int = 0  # sequences (a request with n choices counts n)
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use
+    kv_blocks_used: int = 0  # KV blocks held by requests (and LoRA adapters' pages); 0 when idle without adapters
     prompt_tokens: int = 0  # total, counted when a request's prefill completes
     generation_tokens: int = 0  # total generated
     speculation: SpeculationFigures | None = None  # a copy of the engine's, when it speculates
@@ -96,6 +122,9 @@ class RequestGroup:
                 output = latest[index]
                 if output.finished:
                     self._unfinished.discard(index)
+                    if output.error is not None:
+                        raise RequestFailedError(output.error if len(self.request_ids) == 1
+                                                 else f"prompt {index}: {output.error}")
                 yield index, output
 
     def close(self) -> None:
@@ -145,11 +174,17 @@ class _Entry:
 class AsyncLLMEngine:
     """Serves many concurrent callers from one engine thread, with a bounded waiting queue."""
 
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int = 256) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int = MAX_WAITING_REQUESTS,
+                 step_timeout_s: float = STEP_TIMEOUT_S) -> None:
         if max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
+        if not step_timeout_s > 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
+        self.step_timeout_s = step_timeout_s  # a step running longer is reported hung (/health, the log)
+        self._step_started: float | None = None  # time.monotonic() at the start of the step now running
+        self._watchdog_stop = threading.Event()
         self.stats = EngineStats()
         self._commands: queue.Queue[_Add | _Abort | _Call | _Stop] = queue.Queue()
         # Guards admission: whether requests are accepted, and how many sequences are queued but not yet added.
@@ -173,14 +208,46 @@ class AsyncLLMEngine:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("the engine loop was already started")
+        self.engine.runner.reserve_kv_cache()  # a server's resident memory is flat from its first request
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="foreseer-engine", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch, name="foreseer-watchdog", daemon=True).start()
+
+    def health(self) -> EngineHealth:
+        """How the engine is doing, from any thread."""
+        started, faults = self._step_started, self.engine.faults
+        step_seconds = None if started is None else time.monotonic() - started
+        last = faults[-1] if faults else None
+        last_text = None
+        if last is not None:
+            last_text = f"{last.stage}: {last.error} (failed: {', '.join(last.failed) or 'none'})"
+        if step_seconds is not None and step_seconds > self.step_timeout_s:
+            status = "hung"
+        elif last is not None and time.time() - last.time < DEGRADED_WINDOW_S:
+            status = "degraded"
+        else:
+            status = "ok"
+        return EngineHealth(status, self.engine.num_faults, last_text, step_seconds)
+
+    def _watch(self) -> None:
+        """Log a step that runs over step_timeout_s, once, with where the engine thread is."""
+        reported = None
+        while not self._watchdog_stop.wait(WATCHDOG_PERIOD_S):
+            started = self._step_started
+            if started is None or started == reported or time.monotonic() - started <= self.step_timeout_s:
+                continue
+            reported = started
+            frame = sys._current_frames().get(self._thread.ident)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "(unknown)"
+            logger.error("an engine step has run for over %.0f s (step_timeout_s); /health reports the engine hung. "
+                         "The engine thread is at:\n%s", self.step_timeout_s, where)
 
     async def stop(self) -> None:
         """Refuse new requests, abort those still unfinished, and wait for the engine thread to end."""
         with self._lock:
             self._accepting = False
+        self._watchdog_stop.set()
         if self._thread is None:
             return
         self._commands.put(_Stop())
@@ -259,7 +326,12 @@ class AsyncLLMEngine:
                 self._shut_down(EngineNotRunningError("the engine stopped"))
                 return
             if self.engine.has_unfinished_requests():
-                self._deliver(self.engine.step())
+                self._step_started = time.monotonic()
+                try:
+                    outputs = self.engine.step()
+                finally:
+                    self._step_started = None
+                self._deliver(outputs)
                 self._publish_stats(0)
 
     def _take_commands(self, block: bool) -> list[_Add | _Abort | _Call | _Stop]:
@@ -330,9 +402,10 @@ class AsyncLLMEngine:
     def _publish_stats(self, num_added: int) -> None:
         scheduler = self.engine.scheduler
         spec = self.engine.spec_stats
-        stats = EngineStats(len(scheduler.running), len(scheduler.waiting), self.engine.block_manager.usage,
-                            self._prompt_tokens, self._generation_tokens, None if spec is None else copy.deepcopy(spec),
-                            self.engine.lora_stats())
+        blocks = self.engine.block_manager
+        stats = EngineStats(len(scheduler.running), len(scheduler.waiting), blocks.usage,
+                            blocks.num_blocks - blocks.num_free_blocks, self._prompt_tokens, self._generation_tokens,
+                            None if spec is None else copy.deepcopy(spec), self.engine.lora_stats())
         # Together, so that admission never sees the added sequences in neither count.
         with self._lock:
             self._num_queued -= num_added

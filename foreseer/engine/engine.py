@@ -193,10 +193,18 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids; ValueError naming what is wrong with it."""
         if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as error:  # a lone surrogate: no tokenizer takes it
+                raise ValueError(f"prompt is not valid Unicode: a lone surrogate at character {error.start}") from None
             return self.tokenizer.encode(prompt)
-        if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size})")
+        if not isinstance(prompt, list | tuple):
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         return list(prompt)
 
     def add_request(
@@ -215,6 +223,9 @@ class LLMEngine:
         # With unified memory, the adapter's pages come out of the same KV pool as the request's blocks.
         pages = 0 if lora_request is None else self._lora_manager(lora_request).validate(lora_request)
         max_tokens = self.check_lengths(len(token_ids), params, reserved_blocks=pages)
+        if params.logprobs is not None and params.logprobs > self.model_config.vocab_size:
+            raise ValueError(f"SamplingParams.logprobs asks for the top {params.logprobs} tokens, but the vocabulary "
+                             f"has {self.model_config.vocab_size}")
         check_length_hint(length_hint)
         if lora_request is not None:  # last: a request refused before holds no adapter
             self.lora.add_user(lora_request)
@@ -324,8 +335,9 @@ class LLMEngine:
             return self._fail_requests("schedule", error, self.scheduler.running + self.scheduler.waiting)
         touched = self._take_failed()
         if sched.is_empty:
-            if self.scheduler.num_unfinished and not touched:
-                raise RuntimeError("no request could be scheduled although some are unfinished")
+            if self.scheduler.num_unfinished and not touched:  # a scheduler bug; without this, a live lock
+                return self._fail_requests("schedule", RuntimeError("no request could be scheduled although some "
+                                           "are unfinished"), self.scheduler.running + self.scheduler.waiting)
             return self._outputs(touched.values())
         generators = self._generator_states(sched)
         try:

@@ -15,6 +15,8 @@ from typing import Literal
 from foreseer.core.output import SchedulerOutput
 from foreseer.core.request import Request
 from foreseer.engine.engine import LLMEngine
+from foreseer.outputs import RequestOutput
+from foreseer.sampling_params import SamplingParams
 
 FaultSite = Literal["step", "kernel", "sampling", "hang"]
 
@@ -133,3 +135,29 @@ class FaultInjector:
                 self._fire(fault)
                 raise InjectedFault(f"injected sampling fault for {request.request_id} at step {self.num_steps}")
         return original(request, *args, **kwargs)
+
+
+def run_requests(engine: LLMEngine, requests: list[tuple[str, list[int], SamplingParams]],
+                 faults: list[Fault]) -> tuple[dict[str, RequestOutput], FaultInjector]:
+    """Run the requests (id, prompt, params) to completion with the faults injected: each request's final output,
+    and the injector (what fired). The engine must be idle; it is again after."""
+    injector = FaultInjector(engine, faults).install()
+    try:
+        for request_id, prompt, params in requests:
+            engine.add_request(request_id, prompt, params)
+        finals = {}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    finals[output.request_id] = output
+    finally:
+        injector.remove()
+    return finals, injector
+
+
+def answers(finals: dict[str, RequestOutput]) -> dict[str, list]:
+    """Each completed request's tokens and text, and its logprobs rounded: a batch of another shape sums in
+    another order, which moves a logprob in its 7th digit."""
+    return {rid: [(c.token_ids, c.text, c.logprobs and [{t: round(lp.logprob, 4) for t, lp in top.items()}
+                                                        for top in c.logprobs]) for c in out.outputs]
+            for rid, out in finals.items() if out.error is None}

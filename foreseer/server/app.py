@@ -36,14 +36,20 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from foreseer.engine.async_engine import AsyncLLMEngine, EngineNotRunningError, EngineOverloadedError, RequestGroup
+from foreseer.engine.async_engine import (
+    AsyncLLMEngine,
+    EngineNotRunningError,
+    EngineOverloadedError,
+    RequestFailedError,
+    RequestGroup,
+)
 from foreseer.lora import LoRARequest
 from foreseer.lora.manager import LoRAInUseError
 from foreseer.outputs import CompletionOutput, Logprob, RequestOutput
 from foreseer.sampling_params import SamplingParams
+from foreseer.server.config import ServerConfig
 from foreseer.server.metrics import ResponseCounter, ServerMetrics
 from foreseer.server.protocol import (
-    MAX_BODY_BYTES,
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -87,17 +93,16 @@ class APIError(Exception):
         return JSONResponse(self.body.model_dump(), status_code=self.status, headers=self.headers)
 
 
-def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
-               lora_modules: Mapping[str, str] | None = None, protect_metrics: bool = False,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None,
+               lora_modules: Mapping[str, str] | None = None) -> FastAPI:
     """The app owns the engine loop: it starts with the app and stops after the last connection closed.
 
     `lora_modules` (adapter name -> directory) are read and checked here, before the engine starts: a bad one
-    raises ValueError naming it. With `api_key`, the /v1 endpoints need it, and /metrics too if `protect_metrics`
-    (by default it stays open, for scrapers); /health is always open. A body over `max_body_bytes` gets a 413."""
-    if max_body_bytes < 1:
-        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes!r}")
-    server = _Server(engine, served_model_name or engine.engine.config.model, lora_modules or {})
+    raises ValueError naming it. With an api_key, the /v1 endpoints need it, and /metrics too if protect_metrics
+    (by default it stays open, for scrapers); /health is always open. Requests past the config's limits get 4xx
+    responses that name them."""
+    config = config or ServerConfig()
+    server = _Server(engine, config, lora_modules or {})
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -120,11 +125,13 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    if api_key is not None:
-        app.add_middleware(_RequireAPIKey, api_key=api_key,
-                           protected=("/v1", "/metrics") if protect_metrics else ("/v1",))
-    app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
-    app.add_middleware(ResponseCounter, metrics=server.metrics)  # outermost: counts 401s and 413s too
+    app.add_exception_handler(RequestFailedError, _request_failed)
+    if config.api_key is not None:
+        app.add_middleware(_RequireAPIKey, api_key=config.api_key,
+                           protected=("/v1", "/metrics") if config.protect_metrics else ("/v1",))
+    app.add_middleware(_LimitBody, max_bytes=config.max_body_bytes)
+    app.add_middleware(_LimitHeaders, max_bytes=config.max_header_bytes, max_count=config.max_header_count)
+    app.add_middleware(ResponseCounter, metrics=server.metrics)  # outermost: counts 401s, 413s and 431s too
     return app
 
 
@@ -139,9 +146,10 @@ class _ChoiceProgress:
 
 
 class _Server:
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, lora_modules: Mapping[str, str]) -> None:
+    def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, lora_modules: Mapping[str, str]) -> None:
         self.engine = engine
-        self.model_name = model_name
+        self.config = config
+        self.model_name = model_name = config.served_model_name or engine.engine.config.model
         self.created = int(time.time())
         # The engine thread uses the engine's tokenizer; the event loop gets its own copy (for decoding). Prompts
         # are tokenized in worker threads, a copy each: a megabyte of text takes seconds, which on the engine
@@ -168,14 +176,14 @@ class _Server:
     async def completions(self, body: CompletionRequest, raw: Request) -> Response:
         lora_request = self._check_request(body)
         params = self._sampling_params(body, body.max_tokens, body.logprobs, {})
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = _request_id("cmpl", raw)
         prompts = [p if isinstance(p, list) else await self._off_loop(lambda tokenizer, p=p: tokenizer.encode(p))
                    for p in body.prompts()]
         group = await self._submit(request_id, prompts, params, "prompt", "max_tokens", lora_request, body)
         created = int(time.time())
         if body.stream:
-            return _event_stream(self._completion_events(group, body, request_id, created), group)
-        outputs = await _collect(group, raw)
+            return self._event_stream(self._completion_events(group, body, request_id, created), group)
+        outputs = await self._collect(group, raw)
         if outputs is None:
             return _client_gone()
         choices = [
@@ -200,12 +208,12 @@ class _Server:
         params = self._sampling_params(body, max_tokens, num_top,
                                        {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"})
         prompt = await self._off_loop(lambda tokenizer: self._render_chat(tokenizer, body))
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = _request_id("chatcmpl", raw)
         group = await self._submit(request_id, [prompt], params, "messages", max_tokens_param, lora_request, body)
         created = int(time.time())
         if body.stream:
-            return _event_stream(self._chat_events(group, body, request_id, created, num_top), group)
-        outputs = await _collect(group, raw)
+            return self._event_stream(self._chat_events(group, body, request_id, created, num_top), group)
+        outputs = await self._collect(group, raw)
         if outputs is None:
             return _client_gone()
         output = outputs[0]
@@ -284,9 +292,15 @@ class _Server:
         self._lora_busy.add(name)
 
     async def health(self) -> Response:
+        """200 while requests are served ({"status": "ok"}, or "degraded" for a while after a step fault, with the
+        fault); 503 when the engine stopped, or a step has run past --step-timeout-s ("hung")."""
         if not self.engine.is_running:
             raise APIError(503, "the engine is not running", code="engine_not_running")
-        return Response(status_code=200)
+        health = self.engine.health()
+        body = {"status": health.status, "faults": health.num_faults, "last_fault": health.last_fault}
+        if health.step_seconds is not None:
+            body["step_seconds"] = round(health.step_seconds, 3)
+        return JSONResponse(body, status_code=200 if health.serving else 503)
 
     async def metrics_text(self) -> Response:
         content, content_type = self.metrics.exposition()
@@ -304,6 +318,18 @@ class _Server:
         if unsupported is not None:
             raise APIError(400, f"{unsupported} is not supported by this server", unsupported,
                            code="unsupported_parameter")
+        limits = self.config
+        counts = {"n": (body.n, limits.max_n, "max_n")}
+        if isinstance(body, CompletionRequest):
+            counts["prompt"] = (len(body.prompts()), limits.max_prompts, "max_prompts")
+            counts["logprobs"] = (body.logprobs or 0, limits.max_logprobs, "max_logprobs")
+        else:
+            counts["messages"] = (len(body.messages), limits.max_messages, "max_messages")
+            counts["top_logprobs"] = (body.top_logprobs or 0, limits.max_logprobs, "max_logprobs")
+        for param, (value, limit, flag) in counts.items():
+            if value > limit:
+                raise APIError(400, f"{param} asks for {value}; this server allows at most {limit} "
+                               f"(--{flag.replace('_', '-')})", param, code="limit_exceeded")
         return lora_request
 
     @staticmethod
@@ -356,6 +382,60 @@ class _Server:
             message = str(error)
             param = max_tokens_param if "max_tokens" in message else prompt_param
             raise APIError(400, message, param) from error
+
+    # -- outputs --------------------------------------------------------------------------------------
+    @property
+    def _timeout(self) -> float | None:
+        return self.config.request_timeout_s or None
+
+    def _timed_out(self) -> APIError:
+        return APIError(408, f"the request ran past the server's limit of {self.config.request_timeout_s:g} s "
+                        "(--request-timeout-s) and was aborted", code="request_timeout")
+
+    async def _collect(self, group: RequestGroup, raw: Request) -> dict[int, RequestOutput] | None:
+        """The final output of each prompt, or None if the client disconnected first (its requests are aborted);
+        past the request timeout, an APIError (its requests aborted too)."""
+
+        async def final_outputs() -> dict[int, RequestOutput]:
+            return {index: output async for index, output in group if output.finished}
+
+        collecting = asyncio.ensure_future(final_outputs())
+        disconnect = asyncio.ensure_future(_client_disconnected(raw))
+        try:
+            done, _ = await asyncio.wait((collecting, disconnect), timeout=self._timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            collecting.cancel()
+            disconnect.cancel()
+            group.close()
+        if not done:
+            raise self._timed_out()
+        return collecting.result() if collecting in done else None
+
+    def _event_stream(self, events: AsyncIterator[str], group: RequestGroup) -> StreamingResponse:
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+
+        async def framed() -> AsyncIterator[str]:
+            try:
+                while True:
+                    remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    try:
+                        yield await asyncio.wait_for(anext(events), remaining)
+                    except StopAsyncIteration:
+                        break
+            except TimeoutError:
+                yield _sse(self._timed_out().body)
+            except EngineNotRunningError as error:  # the engine failed or stopped mid-stream
+                yield _sse(APIError(503, str(error), code="engine_not_running").body)
+            except RequestFailedError as error:  # a fault in the engine traced to this request
+                yield _sse(_failed(error).body)
+            finally:
+                group.close()  # the client went away (the generator is closed early): abort what is left
+            yield "data: [DONE]\n\n"
+
+        # The background task also aborts when Starlette cancels the stream on a disconnect between events.
+        return StreamingResponse(framed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(group.close))
 
     # -- streams --------------------------------------------------------------------------------------
     async def _completion_events(self, group: RequestGroup, body: CompletionRequest, request_id: str,
@@ -468,37 +548,18 @@ def _sse(model: BaseModel) -> str:
     return f"data: {model.model_dump_json()}\n\n"
 
 
-def _event_stream(events: AsyncIterator[str], group: RequestGroup) -> StreamingResponse:
-    async def framed() -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                yield event
-        except EngineNotRunningError as error:  # the engine failed or stopped mid-stream
-            yield _sse(APIError(503, str(error), code="engine_not_running").body)
-        finally:
-            group.close()  # the client went away (the generator is closed early): abort what is left
-        yield "data: [DONE]\n\n"
-
-    # The background task also aborts when Starlette cancels the stream on a disconnect between events.
-    return StreamingResponse(framed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                             background=BackgroundTask(group.close))
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-async def _collect(group: RequestGroup, raw: Request) -> dict[int, RequestOutput] | None:
-    """The final output of each prompt, or None if the client disconnected first (its requests are aborted)."""
-
-    async def final_outputs() -> dict[int, RequestOutput]:
-        return {index: output async for index, output in group if output.finished}
-
-    collecting = asyncio.ensure_future(final_outputs())
-    disconnect = asyncio.ensure_future(_client_disconnected(raw))
-    try:
-        done, _ = await asyncio.wait((collecting, disconnect), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        collecting.cancel()
-        disconnect.cancel()
-        group.close()
-    return collecting.result() if collecting in done else None
+def _request_id(prefix: str, raw: Request) -> str:
+    """The request's id: the client's X-Request-Id header where it sends one (as vLLM takes it), else a random one."""
+    given = raw.headers.get("x-request-id")
+    if given is None:
+        return f"{prefix}-{uuid.uuid4().hex}"
+    if not _REQUEST_ID.fullmatch(given):
+        raise APIError(400, "the X-Request-Id header must be 1 to 128 letters, digits or ._:- characters",
+                       "x-request-id", code="invalid_value")
+    return f"{prefix}-{given}"
 
 
 async def _client_disconnected(raw: Request) -> None:
@@ -552,6 +613,33 @@ class _LimitBody:
         await self.app(scope, counted, unless_refused)
 
 
+class _LimitHeaders:
+    """ASGI middleware: a request with more than `max_count` headers, or with more than `max_bytes` of them in
+    all, gets a 431."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_count: int) -> None:
+        self.app = app
+        self.max_bytes, self.max_count = max_bytes, max_count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            size = sum(len(name) + len(value) for name, value in headers)
+            problem = None
+            if len(headers) > self.max_count:
+                problem = (f"{len(headers)} headers, more than the server's limit of {self.max_count} "
+                           "(--max-header-count)")
+            elif size > self.max_bytes:
+                problem = (f"{size} bytes of headers, more than the server's limit of {self.max_bytes} "
+                           "(--max-header-bytes)")
+            if problem is not None:
+                error = APIError(431, f"the request has {problem}", code="headers_too_large",
+                                 headers={"Connection": "close"})
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class _RequireAPIKey:
     """ASGI middleware: paths under the `protected` prefixes need `Authorization: Bearer <key>`."""
 
@@ -584,6 +672,15 @@ async def _overloaded(_: Request, error: EngineOverloadedError) -> Response:
 
 async def _engine_not_running(_: Request, error: EngineNotRunningError) -> Response:
     return APIError(503, str(error), code="engine_not_running").response()
+
+
+def _failed(error: RequestFailedError) -> APIError:
+    return APIError(500, f"the engine failed this request: {error}", code="request_failed")
+
+
+async def _request_failed(_: Request, error: RequestFailedError) -> Response:
+    # The fault was contained to this request: the server and its other requests go on, the connection too.
+    return _failed(error).response()
 
 
 async def _invalid_request(_: Request, error: RequestValidationError) -> Response:

@@ -76,6 +76,8 @@ class _EngineCollector(Collector):
                                 stats.num_waiting)
         yield GaugeMetricFamily("foreseer_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1)",
                                 stats.kv_cache_usage)
+        yield GaugeMetricFamily("foreseer_kv_cache_used_blocks", "KV cache blocks in use (LoRA adapters' pages too)",
+                                stats.kv_blocks_used)
         yield CounterMetricFamily("foreseer_prompt_tokens", "Prompt tokens prefilled", stats.prompt_tokens)
         yield CounterMetricFamily("foreseer_generation_tokens", "Tokens generated", stats.generation_tokens)
         yield from _lora_metrics(stats.lora)

@@ -6,10 +6,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_N = 128  # choices per request
-MAX_LOGPROBS = 20  # top logprobs per token, as vLLM and OpenAI allow
-MAX_BODY_BYTES = 8 * 2**20  # a request body beyond this is refused (413) before it is read whole
-
 
 class ErrorInfo(BaseModel):
     message: str
@@ -57,7 +53,7 @@ class StreamOptions(_Request):
 
 class _SamplingRequest(_Request):
     model: str
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: int = Field(1, ge=1)  # at most the server's max_n
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
@@ -97,7 +93,7 @@ class CompletionRequest(_SamplingRequest):
     # A string, a list of token ids, or a batch of either.
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0)  # at most the server's max_logprobs
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -143,7 +139,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = None  # None: up to the model's context
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0)  # at most the server's max_logprobs
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     response_format: ResponseFormat | None = None

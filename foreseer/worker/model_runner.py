@@ -168,6 +168,15 @@ class ModelRunner:
             hidden_states=hidden_states, layer_states=layer_states,
         )
 
+    def reserve_kv_cache(self) -> None:
+        """Make every page of the KV pool resident now. A CPU pool is allocated empty, so its pages become resident
+        as blocks are first used, and a server's memory would creep up for hours to the pool's size, as a leak
+        does; a long-running server reserves it at start instead, as llama.cpp and vLLM do. Every value is written
+        back as it is (times one), so blocks already holding a cached prefix keep it."""
+        for layer in self.model.attention_layers():
+            for cache in layer.kv_cache:
+                cache.mul_(1)
+
     def refresh_fused_decoder(self) -> None:
         """Decode steps as one C++ call where the model, its weights and the backend allow (else the modules). Call
         again after replacing the model's modules or weights (a merged adapter): the fused decoder holds the ones
