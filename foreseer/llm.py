@@ -79,6 +79,7 @@ class LLM:
                     self.engine.load_lora(lora)
                     reserved = self.engine.lora.pages(lora.lora_int_id)  # unified memory: its KV pages
                 max_tokens = self.engine.check_lengths(len(token_ids), params, reserved)
+                self.engine.check_vocabulary(params)
                 check_length_hint(hint)
             except ValueError as error:
                 logger.warning("request %s rejected: %s", request_id, error)
