@@ -6,8 +6,12 @@ from collections.abc import Callable
 import httpx
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, MinNewTokensLengthLogitsProcessor, NoBadWordsLogitsProcessor,
-                          RepetitionPenaltyLogitsProcessor)
+from transformers import (
+    AutoModelForCausalLM,
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+)
 
 from foreseer import LLM, SamplingParams
 from tests.helpers import random_prompts, running_server
@@ -133,3 +137,117 @@ def test_greedy_knob_matches_the_reference(llm, hf_model, prompts, case):
         assert expected != reference_greedy(hf_model, prompt, MAX_TOKENS, [], eos)  # the knob matters here
         out = llm.generate([prompt], knob_params(fields, stops_at_eos), use_tqdm=False)[0]
         assert out.outputs[0].token_ids == expected, case
+
+
+def test_neutral_values_change_nothing(llm, hf_model, prompts):
+    neutral = {"presence_penalty": 0.0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": {},
+               "min_tokens": 0, "bad_words": []}
+    params = knob_params(neutral, stops_at_eos=False)
+    assert not params.adjusts_logits and params.speculates
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [reference_greedy(hf_model, p, MAX_TOKENS, []) for p in prompts]
+
+
+def test_mixed_batch_gives_each_request_what_it_gets_alone(llm, hf_model, prompts):
+    cases = [(prompt, knob_params(fields, stops_at_eos)) for prompt in prompts
+             for fields, _, stops_at_eos in knob_cases(llm, hf_model, prompt).values()]
+    cases += [(prompt, knob_params({}, False)) for prompt in prompts]
+    alone = [llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids for prompt, params in cases]
+    together = llm.generate([p for p, _ in cases], [params for _, params in cases], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in together] == alone
+
+
+def test_sampled_requests_take_the_processed_distribution(llm, prompts):
+    """A bias of 100 leaves its token all of the probability; a large repetition penalty on a prompt of that one
+    token takes it away again (and logprobs stay the model's own)."""
+    token = 42
+    biased = SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, logit_bias={token: 100.0},
+                            logprobs=0)
+    out = llm.generate([prompts[0]], biased, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [token] * 8
+    assert out.logprobs[0][token].logprob < -0.01
+    penalized = SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, logit_bias={token: 100.0},
+                               presence_penalty=2.0, repetition_penalty=50.0)
+    assert token not in llm.generate([[token] * 5], penalized, use_tqdm=False)[0].outputs[0].token_ids[1:]
+
+
+def test_requests_with_knobs_do_not_speculate(tiny_llama, llm):
+    prompt = list(range(5, 20)) * 3  # n-gram drafts find matches in it
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, repetition_penalty=1.2)
+    assert not params.speculates
+    spec = LLM(tiny_llama, kv_cache_gib=0.01, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                                                   "adaptive": False})
+    out = spec.generate([prompt], params, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert spec.engine.spec_stats.num_verifications == 0
+    spec.generate([prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    assert spec.engine.spec_stats.num_verifications > 0  # the same request without the knob speculates
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"presence_penalty": "high"}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"), ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": -1.0}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"), ({"logit_bias": [1, 2]}, "logit_bias"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias"), ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+    ({"logit_bias": {5: float("inf")}}, "logit_bias"), ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 1.5}, "min_tokens"), ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+    ({"bad_words": "fox"}, "bad_words"), ({"bad_words": ["fox", " "]}, "bad_words"), ({"bad_words": [3]}, "bad_words"),
+])
+def test_invalid_values_name_the_field(kwargs, name):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{name} "):
+        SamplingParams(**kwargs)
+
+
+def test_token_ids_past_the_vocabulary_are_refused_by_name(llm):
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(ValueError, match=r"SamplingParams\.logit_bias .*outside the vocabulary"):
+        llm.engine.add_request("past", [5, 6], SamplingParams(logit_bias={vocab: 1.0}))
+    out = llm.generate([[5, 6]], SamplingParams(logit_bias={vocab + 3: 1.0}), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "error"
+    assert not llm.engine.has_unfinished_requests()
+
+
+SERVER_KNOBS = {"presence_penalty": 1.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3,
+                "min_tokens": 3, "bad_words": ["the"]}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    with running_server(tiny_llama, kv_cache_gib=0.01) as (url, _):
+        yield url
+
+
+def test_server_passes_the_knobs_on(server, tiny_llama, llm):
+    prompt = "the quick brown fox"
+    bias = {str(llm.tokenizer.eos_token_id): 20, "7": -50.5}
+    params = SamplingParams(temperature=0, max_tokens=12, logit_bias={int(t): b for t, b in bias.items()},
+                            **SERVER_KNOBS)
+    expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert expected.text != llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12),
+                                         use_tqdm=False)[0].outputs[0].text
+    body = {"model": tiny_llama, "temperature": 0, "max_tokens": 12, "logit_bias": bias, **SERVER_KNOBS}
+    completion = httpx.post(server + "/v1/completions", json={**body, "prompt": prompt}, timeout=60).json()
+    assert completion["choices"][0]["text"] == expected.text
+    messages = [{"role": "user", "content": prompt}]
+    expected_chat = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
+    chat = httpx.post(server + "/v1/chat/completions", json={**body, "messages": messages}, timeout=60).json()
+    assert chat["choices"][0]["message"]["content"] == expected_chat.text
+
+
+@pytest.mark.parametrize("fields, param, words", [
+    ({"logit_bias": {"fox": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias", "outside the vocabulary"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "> 0"),
+    ({"presence_penalty": -2.5}, "presence_penalty", "[-2, 2]"),
+    ({"min_tokens": 20, "max_tokens": 10}, "min_tokens", "at most max_tokens"),
+    ({"bad_words": [""]}, "bad_words", "non-blank"),
+])
+def test_server_refuses_bad_values_by_name(server, tiny_llama, fields, param, words):
+    for path, prompt in (("/v1/completions", {"prompt": "hi"}),
+                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        response = httpx.post(server + path, json={"model": tiny_llama, **prompt, **fields}, timeout=60)
+        error = response.json()["error"]
+        assert (response.status_code, error["param"]) == (400, param), error
+        assert words in error["message"], error

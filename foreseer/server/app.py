@@ -342,7 +342,10 @@ class _Server:
                 seed=body.seed, max_tokens=max_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
                 ignore_eos=body.ignore_eos, logprobs=logprobs,
                 include_stop_str_in_output=body.include_stop_str_in_output,
-                skip_special_tokens=body.skip_special_tokens)
+                skip_special_tokens=body.skip_special_tokens, presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                logit_bias=body.token_id_biases(), min_tokens=body.min_tokens, bad_words=body.bad_words)
         except ValueError as error:
             # "SamplingParams.<field> <problem>": report it under the API's name for that field.
             match = re.fullmatch(r"SamplingParams\.(\w+) (.*)", str(error), re.DOTALL)
@@ -378,9 +381,10 @@ class _Server:
         try:
             return await self.engine.add_requests(request_id, prompts, params, lora_request, body.priority,
                                                   body.length_hint)
-        except ValueError as error:  # the engine's own checks: empty prompt, too long, max_tokens beyond context
-            message = str(error)
-            param = max_tokens_param if "max_tokens" in message else prompt_param
+        except ValueError as error:  # the engine's own checks: empty prompt, too long, max_tokens beyond context,
+            message = str(error)  # token ids past the vocabulary (naming their SamplingParams field)
+            field = re.search(r"SamplingParams\.(\w+) ", message)
+            param = field[1] if field else max_tokens_param if "max_tokens" in message else prompt_param
             raise APIError(400, message, param) from error
 
     # -- outputs --------------------------------------------------------------------------------------

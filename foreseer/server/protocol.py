@@ -61,13 +61,15 @@ class _SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Accepted at their neutral values only; anything else is refused rather than silently ignored.
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
     # vLLM's extensions
     top_k: int | None = None
     min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    bad_words: list[str] | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
@@ -77,12 +79,18 @@ class _SamplingRequest(_Request):
     # Foreseer's: the answer's length in tokens where the client knows it; sjf and s3 then use it, not a prediction
     length_hint: int | None = Field(None, ge=1, lt=2**63)
 
-    def unsupported(self) -> str | None:
-        """The name of a field set to something this server cannot do, if any."""
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                return name
-        return "logit_bias" if self.logit_bias else None
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_biases(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            if not (token.isascii() and token.isdigit()):
+                raise ValueError(f"keys must be token ids, got {token!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"values must be in [-100, 100], got {value!r} for token {token}")
+        return bias
+
+    def token_id_biases(self) -> dict[int, float] | None:
+        return None if self.logit_bias is None else {int(t): b for t, b in self.logit_bias.items()}
 
     @property
     def include_usage(self) -> bool:
@@ -106,13 +114,12 @@ class CompletionRequest(_SamplingRequest):
         return list(self.prompt)
 
     def unsupported(self) -> str | None:
+        """The name of a field set to something this server cannot do, if any."""
         if self.echo:
             return "echo"
         if self.suffix:
             return "suffix"
-        if self.best_of not in (None, self.n):
-            return "best_of"
-        return super().unsupported()
+        return "best_of" if self.best_of not in (None, self.n) else None
 
 
 class TextContentPart(_Request):
@@ -149,9 +156,7 @@ class ChatCompletionRequest(_SamplingRequest):
             return "tools"
         if self.tool_choice not in (None, "none", "auto"):
             return "tool_choice"
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format"
-        return super().unsupported()
+        return "response_format" if self.response_format is not None and self.response_format.type != "text" else None
 
     def conversation(self) -> list[dict[str, str]]:
         # "developer" is OpenAI's newer name for the system role; chat templates know "system".
