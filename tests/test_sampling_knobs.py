@@ -251,3 +251,25 @@ def test_server_refuses_bad_values_by_name(server, tiny_llama, fields, param, wo
         error = response.json()["error"]
         assert (response.status_code, error["param"]) == (400, param), error
         assert words in error["message"], error
+
+
+def test_vllm_prompt_dicts(llm, prompts):
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    text = "the quick brown fox"
+    expected = llm.generate([text, prompts[0]], params, use_tqdm=False)
+    outputs = llm.generate([{"prompt": text}, {"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+    assert outputs[0].prompt == text and outputs[1].prompt_token_ids == prompts[0]
+    single = llm.generate({"prompt_token_ids": prompts[0]}, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in single] == [expected[1].outputs[0].token_ids]
+
+
+@pytest.mark.parametrize("prompt, words", [
+    ({}, "exactly one of the keys"), ({"text": "hi"}, "exactly one of the keys"),
+    ({"prompt": "hi", "prompt_token_ids": [5]}, "exactly one of the keys"),
+    ({"prompt": [5, 6]}, "'prompt' must be a str"), ({"prompt_token_ids": "hi"}, "'prompt_token_ids' must be a list"),
+])
+def test_bad_prompt_dicts_are_refused(llm, prompt, words):
+    with pytest.raises(ValueError, match=words):
+        llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
