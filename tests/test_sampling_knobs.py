@@ -13,6 +13,7 @@ from transformers import (
     RepetitionPenaltyLogitsProcessor,
 )
 
+import foreseer
 from foreseer import LLM, SamplingParams
 from tests.helpers import random_prompts, running_server
 
@@ -273,3 +274,37 @@ def test_bad_prompt_dicts_are_refused(llm, prompt, words):
     with pytest.raises(ValueError, match=words):
         llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_tokenize_detokenize_and_version(server, tiny_llama, llm):
+    text = "the quick brown fox"
+    tokens = llm.tokenizer.encode(text)
+    response = httpx.post(server + "/tokenize", json={"model": tiny_llama, "prompt": text}).json()
+    assert response == {"count": len(tokens), "max_model_len": llm.engine.max_model_len, "tokens": tokens}
+    messages = [{"role": "user", "content": text}]
+    chat = httpx.post(server + "/tokenize", json={"model": tiny_llama, "messages": messages}).json()
+    assert chat["tokens"] == llm.apply_chat_template(messages)
+    bare = httpx.post(server + "/tokenize", json={"model": tiny_llama, "messages": messages,
+                                                  "add_generation_prompt": False}).json()
+    assert bare["tokens"] == llm.apply_chat_template(messages, add_generation_prompt=False) != chat["tokens"]
+    detokenized = httpx.post(server + "/detokenize", json={"model": tiny_llama, "tokens": tokens}).json()
+    assert detokenized == {"prompt": llm.tokenizer.decode(tokens)}
+    assert httpx.get(server + "/version").json() == {"version": foreseer.__version__}
+
+
+@pytest.mark.parametrize("path, body, status, param, words", [
+    ("/tokenize", {"prompt": "hi"}, 400, "model", "Field required"),
+    ("/tokenize", {"model": "gpt-4", "prompt": "hi"}, 404, "model", "gpt-4"),
+    ("/tokenize", {"model": "M"}, 400, None, "exactly one of prompt or messages"),
+    ("/tokenize", {"model": "M", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, 400, None,
+     "exactly one of prompt or messages"),
+    ("/detokenize", {"model": "M", "tokens": [5, 10**6]}, 400, "tokens", "token ids in [0,"),
+    ("/detokenize", {"model": "M", "tokens": "hi"}, 400, "tokens", "valid list"),
+])
+def test_tokenize_refusals_name_the_field(server, tiny_llama, path, body, status, param, words):
+    if body.get("model") == "M":
+        body = {**body, "model": tiny_llama}
+    response = httpx.post(server + path, json=body)
+    error = response.json()["error"]
+    assert (response.status_code, error["param"]) == (status, param), error
+    assert words in error["message"], error

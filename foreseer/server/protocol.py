@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ErrorInfo(BaseModel):
@@ -159,8 +159,35 @@ class ChatCompletionRequest(_SamplingRequest):
         return "response_format" if self.response_format is not None and self.response_format.type != "text" else None
 
     def conversation(self) -> list[dict[str, str]]:
-        # "developer" is OpenAI's newer name for the system role; chat templates know "system".
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return conversation(self.messages)
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as chat templates take them."""
+    # "developer" is OpenAI's newer name for the system role; chat templates know "system".
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize body: a completion prompt, or chat messages rendered by the model's chat template."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True  # for messages
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    """vLLM's /detokenize body."""
+
+    model: str
+    tokens: list[int]
 
 
 class LoadLoRAAdapterRequest(_Request):
@@ -278,6 +305,16 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for the base model
     max_model_len: int
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelList(BaseModel):
