@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 GREEDY_TEMPERATURE = 1e-5
 # A top_k at least this keeps every token of any vocabulary, as 0 does (and would overflow an int64 tensor).
 TOP_K_UNLIMITED = 2**31
+# Beyond these, float32 logits divided or multiplied by the penalty overflow (an infinite logit leaves no
+# distribution) or vanish.
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 SEED_RANGE = (-(2**63), 2**63)  # a torch.Generator takes [-2**63, 2**64): seed + i, for the i-th of n choices, fits
 
 
@@ -69,13 +73,16 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_finite(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
-        _check(_is_finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-               f"must be a finite number > 0, got {self.repetition_penalty!r}")
+        low, high = REPETITION_PENALTY_RANGE
+        _check(_is_finite(self.repetition_penalty) and low <= self.repetition_penalty <= high, "repetition_penalty",
+               f"must be > 0 (in [{low:g}, {high:g}]), got {self.repetition_penalty!r}")
         _check(self.logit_bias is None or isinstance(self.logit_bias, dict), "logit_bias",
                f"must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
         bias = dict(self.logit_bias or {})
         _check(all(_is_integer(t) and t >= 0 for t in bias), "logit_bias", "keys must be non-negative token ids")
-        _check(all(_is_finite(b) for b in bias.values()), "logit_bias", "values must be finite numbers")
+        low, high = LOGIT_BIAS_RANGE
+        _check(all(_is_finite(b) and low <= b <= high for b in bias.values()), "logit_bias",
+               f"values must be in [{low:g}, {high:g}]")
         self.logit_bias = {t: float(b) for t, b in bias.items()} or None
         _check(_is_integer(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
                f"must be an integer >= 0, got {self.min_tokens!r}")

@@ -189,7 +189,9 @@ def test_requests_with_knobs_do_not_speculate(tiny_llama, llm):
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"presence_penalty": "high"}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"), ({"frequency_penalty": float("nan")}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": -1.0}, "repetition_penalty"),
-    ({"repetition_penalty": float("inf")}, "repetition_penalty"), ({"logit_bias": [1, 2]}, "logit_bias"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"), ({"repetition_penalty": 1e-30}, "repetition_penalty"),
+    ({"repetition_penalty": 1e30}, "repetition_penalty"), ({"logit_bias": [1, 2]}, "logit_bias"),
+    ({"logit_bias": {5: 100.5}}, "logit_bias"), ({"logit_bias": {5: -1e300}}, "logit_bias"),
     ({"logit_bias": {"5": 1.0}}, "logit_bias"), ({"logit_bias": {-1: 1.0}}, "logit_bias"),
     ({"logit_bias": {5: float("inf")}}, "logit_bias"), ({"min_tokens": -1}, "min_tokens"),
     ({"min_tokens": 1.5}, "min_tokens"), ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
@@ -239,6 +241,7 @@ def test_server_passes_the_knobs_on(server, tiny_llama, llm):
 @pytest.mark.parametrize("fields, param, words", [
     ({"logit_bias": {"fox": 1}}, "logit_bias", "token ids"),
     ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": {"٣": 1}}, "logit_bias", "token ids"),
     ({"logit_bias": {"99999": 1}}, "logit_bias", "outside the vocabulary"),
     ({"repetition_penalty": 0}, "repetition_penalty", "> 0"),
     ({"presence_penalty": -2.5}, "presence_penalty", "[-2, 2]"),

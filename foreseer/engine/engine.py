@@ -291,6 +291,8 @@ class LLMEngine:
             # (the word in the middle of a text).
             plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
             spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if not plain:
+                raise ValueError(f"SamplingParams.bad_words has {word!r}, which the tokenizer makes no tokens of")
             words.append(plain)
             if spaced[0] != plain[0] and len(spaced) == len(plain):
                 words.append(spaced)
