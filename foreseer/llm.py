@@ -18,6 +18,9 @@ from foreseer.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+# vLLM's prompt dicts: {"prompt": text} (TextPrompt) or {"prompt_token_ids": [...]} (TokensPrompt).
+PromptDict = dict[str, str | list[int]]
+PROMPT_DICT_KEYS = {"prompt": str, "prompt_token_ids": list}
 Message = dict[str, str]
 
 
@@ -38,7 +41,7 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: Prompt | PromptDict | Sequence[Prompt | PromptDict],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
@@ -57,10 +60,14 @@ class LLM:
         `batching` cuts the prompts into batches: "continuous" (the engine's scheduler, the default), "static"
         (fixed batches in arrival order) or "seqsched" (sequence scheduling by predicted length), or a
         configured strategy from foreseer.lengths.batching. Outputs come back in the prompts' order.
+
+        A prompt is a string, a list of token ids, or vLLM's {"prompt": text} or {"prompt_token_ids": [...]};
+        a dict of another shape raises ValueError.
         """
         strategy = get_strategy(batching)
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        prompts = [_unwrap(prompt) for prompt in prompts]
         params_list = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
         priorities = _per_prompt(priority if priority is not None else 0, len(prompts), "priority")
         loras = _per_prompt(lora_request, len(prompts), "lora_request")
@@ -79,6 +86,7 @@ class LLM:
                     self.engine.load_lora(lora)
                     reserved = self.engine.lora.pages(lora.lora_int_id)  # unified memory: its KV pages
                 max_tokens = self.engine.check_lengths(len(token_ids), params, reserved)
+                self.engine.check_vocabulary(params)
                 check_length_hint(hint)
             except ValueError as error:
                 logger.warning("request %s rejected: %s", request_id, error)
@@ -120,6 +128,21 @@ class LLM:
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                                  tokenize=True, return_dict=True)["input_ids"]
         return list(ids)
+
+
+def _unwrap(prompt: Prompt | PromptDict) -> Prompt:
+    """A prompt dict's text or token ids (the engine checks what they hold); other prompts as they are."""
+    if not isinstance(prompt, dict):
+        return prompt
+    keys = set(prompt)
+    if len(keys) != 1 or not keys <= PROMPT_DICT_KEYS.keys():
+        raise ValueError(f"a prompt dict must have exactly one of the keys 'prompt' (text) or 'prompt_token_ids', "
+                         f"got keys {sorted(map(str, keys))}")
+    (key, value), = prompt.items()
+    if not isinstance(value, PROMPT_DICT_KEYS[key]):
+        raise ValueError(f"a prompt dict's {key!r} must be a {PROMPT_DICT_KEYS[key].__name__}, "
+                         f"got {type(value).__name__}")
+    return value
 
 
 def _per_prompt(value, count: int, name: str) -> list:

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 GREEDY_TEMPERATURE = 1e-5
 # A top_k at least this keeps every token of any vocabulary, as 0 does (and would overflow an int64 tensor).
 TOP_K_UNLIMITED = 2**31
+# Beyond these, float32 logits divided or multiplied by the penalty overflow (an infinite logit leaves no
+# distribution) or vanish.
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 SEED_RANGE = (-(2**63), 2**63)  # a torch.Generator takes [-2**63, 2**64): seed + i, for the i-th of n choices, fits
 
 
@@ -29,6 +33,17 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     use_speculation: bool = True  # False: this request opts out of the engine's speculative decoding
+    # Logits processing (vLLM's names and semantics), before temperature: bad_words and min_tokens mask tokens,
+    # logit_bias adds to them, then repetition_penalty (over prompt and generated tokens: a logit > 0 divided by it,
+    # else multiplied), frequency_penalty (times each token's count in the generated tokens) and presence_penalty
+    # (once per generated token) are subtracted. They apply to greedy requests too. A request with any of them
+    # set does not speculate: the penalties depend on the tokens before each draft position.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are generated
+    bad_words: list[str] | None = None  # a word's last token is masked where its other tokens were just generated
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,14 +70,51 @@ class SamplingParams:
         ids = list(self.stop_token_ids or [])
         _check(all(_is_integer(t) and t >= 0 for t in ids), "stop_token_ids", "must be non-negative integers")
         self.stop_token_ids = ids
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_finite(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
+        low, high = REPETITION_PENALTY_RANGE
+        _check(_is_finite(self.repetition_penalty) and low <= self.repetition_penalty <= high, "repetition_penalty",
+               f"must be > 0 (in [{low:g}, {high:g}]), got {self.repetition_penalty!r}")
+        _check(self.logit_bias is None or isinstance(self.logit_bias, dict), "logit_bias",
+               f"must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+        bias = dict(self.logit_bias or {})
+        _check(all(_is_integer(t) and t >= 0 for t in bias), "logit_bias", "keys must be non-negative token ids")
+        low, high = LOGIT_BIAS_RANGE
+        _check(all(_is_finite(b) and low <= b <= high for b in bias.values()), "logit_bias",
+               f"values must be in [{low:g}, {high:g}]")
+        self.logit_bias = {t: float(b) for t, b in bias.items()} or None
+        _check(_is_integer(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
+               f"must be an integer >= 0, got {self.min_tokens!r}")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+               f"must be at most max_tokens ({self.max_tokens}), got {self.min_tokens!r}")
+        _check(self.bad_words is None or isinstance(self.bad_words, list | tuple), "bad_words",
+               f"must be a list of strings, got {type(self.bad_words).__name__}")
+        _check(all(isinstance(w, str) and w.strip() for w in self.bad_words or []), "bad_words",
+               "must be non-blank strings")
+        self.bad_words = list(self.bad_words or []) or None
         # As floats: a large int temperature would overflow the int64 tensor the sampler builds from them.
         self.temperature, self.top_p, self.min_p = float(self.temperature), float(self.top_p), float(self.min_p)
+        self.presence_penalty, self.frequency_penalty = float(self.presence_penalty), float(self.frequency_penalty)
+        self.repetition_penalty = float(self.repetition_penalty)
         if self.top_k == -1 or self.top_k >= TOP_K_UNLIMITED:
             self.top_k = 0
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any logits processing (penalties, logit_bias, min_tokens, bad_words) is set."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens or self.bad_words)
+
+    @property
+    def speculates(self) -> bool:
+        """Whether the engine may speculate for this request: not where the logits processing depends on the
+        tokens generated before each position."""
+        return self.use_speculation and not self.adjusts_logits
 
 
 def _is_integer(value: object) -> bool:

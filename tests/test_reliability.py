@@ -66,7 +66,8 @@ def test_fuzzing_the_openapi_schema_gives_no_5xx_and_only_openai_errors(tiny_lla
     # Every operation was tried, and the generation endpoints both served and refused.
     tried = {key.rsplit(" ", 2)[0] for key in report["by_status"]}
     assert tried == {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health",
-                     "GET /metrics", "POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter"}
+                     "GET /metrics", "POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter", "POST /tokenize",
+                     "POST /detokenize", "GET /version"}
     for path in ("/v1/completions", "/v1/chat/completions"):
         statuses = {int(key.rsplit(" ", 1)[1]) for key in report["by_status"] if f" {path} " in key}
         assert 200 in statuses and statuses & {400, 404}, (path, statuses)

@@ -75,6 +75,8 @@ class Request:
         self.cache_salt: int | str | None = None
         self.lora_request: LoRARequest | None = None  # the adapter its tokens run with; None: the base model
         self.generator: torch.Generator | None = None
+        # params.bad_words as token id sequences (the engine tokenizes them): the last one is masked after the rest.
+        self.bad_words_token_ids: list[list[int]] = []
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)
         self.cumulative_logprob = 0.0

@@ -223,9 +223,7 @@ class LLMEngine:
         # With unified memory, the adapter's pages come out of the same KV pool as the request's blocks.
         pages = 0 if lora_request is None else self._lora_manager(lora_request).validate(lora_request)
         max_tokens = self.check_lengths(len(token_ids), params, reserved_blocks=pages)
-        if params.logprobs is not None and params.logprobs > self.model_config.vocab_size:
-            raise ValueError(f"SamplingParams.logprobs asks for the top {params.logprobs} tokens, but the vocabulary "
-                             f"has {self.model_config.vocab_size}")
+        bad_words_token_ids = self.check_vocabulary(params)
         check_length_hint(length_hint)
         if lora_request is not None:  # last: a request refused before holds no adapter
             self.lora.add_user(lora_request)
@@ -236,6 +234,7 @@ class LLMEngine:
             request = Request(f"{request_id}#{i}", token_ids, params, max_tokens, self.eos_token_ids,
                               arrival_time, priority, seed, group, length_hint)
             request.lora_request = lora_request
+            request.bad_words_token_ids = bad_words_token_ids
             request.cache_salt = None if lora_request is None else lora_request.cache_salt
             detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                  params.stop_strings, params.include_stop_str_in_output)
@@ -276,6 +275,30 @@ class LLMEngine:
     def _release_lora(self, parent: _ParentRequest) -> None:
         if parent.lora_request is not None:
             self.lora.release(parent.lora_request.lora_int_id)
+
+    def check_vocabulary(self, params: SamplingParams) -> list[list[int]]:
+        """The token id sequences of params.bad_words; ValueError where params name tokens past the vocabulary."""
+        vocab = self.model_config.vocab_size
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"SamplingParams.logprobs asks for the top {params.logprobs} tokens, but the vocabulary "
+                             f"has {vocab}")
+        outside = [t for t in params.logit_bias or {} if t >= vocab]
+        if outside:
+            raise ValueError(f"SamplingParams.logit_bias has token ids outside the vocabulary [0, {vocab}): {outside}")
+        words = []
+        for word in params.bad_words or []:
+            # vLLM's rule: the word as given, and with a leading space where that is other tokens of the same count
+            # (the word in the middle of a text).
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if not plain:
+                raise ValueError(f"SamplingParams.bad_words has {word!r}, which the tokenizer makes no tokens of")
+            words.append(plain)
+            if spaced[0] != plain[0] and len(spaced) == len(plain):
+                words.append(spaced)
+        if any(t >= vocab for word in words for t in word):
+            raise ValueError(f"SamplingParams.bad_words has words whose tokens are outside the vocabulary [0, {vocab})")
+        return words
 
     def check_lengths(self, num_prompt_tokens: int, params: SamplingParams, reserved_blocks: int = 0) -> int:
         """The request's max_tokens resolved against the context; ValueError if it cannot fit. `reserved_blocks`:

@@ -36,6 +36,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+import foreseer
 from foreseer.engine.async_engine import (
     AsyncLLMEngine,
     EngineNotRunningError,
@@ -63,20 +64,25 @@ from foreseer.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorInfo,
     ErrorResponse,
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     TopLogprob,
     UnloadLoRAAdapterRequest,
     UsageInfo,
+    conversation,
 )
 
 RETRY_AFTER_S = 1
 TOKENIZER_THREADS = 4
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
-             "/v1/unload_lora_adapter", "/health", "/metrics")
+             "/v1/unload_lora_adapter", "/tokenize", "/detokenize", "/version", "/health", "/metrics")
 
 
 class APIError(Exception):
@@ -117,6 +123,9 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None,
     app.get("/v1/models")(server.models)
     app.post("/v1/load_lora_adapter", response_model=None)(server.load_lora_adapter)
     app.post("/v1/unload_lora_adapter", response_model=None)(server.unload_lora_adapter)
+    app.post("/tokenize")(server.tokenize)
+    app.post("/detokenize")(server.detokenize)
+    app.get("/version")(server.version)
     app.get("/health")(server.health)
     app.get("/metrics")(server.metrics_text)
     app.add_exception_handler(APIError, _api_error)
@@ -207,7 +216,7 @@ class _Server:
             max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
         params = self._sampling_params(body, max_tokens, num_top,
                                        {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"})
-        prompt = await self._off_loop(lambda tokenizer: self._render_chat(tokenizer, body))
+        prompt = await self._off_loop(lambda tokenizer: self._render_chat(tokenizer, body.conversation(), True))
         request_id = _request_id("chatcmpl", raw)
         group = await self._submit(request_id, [prompt], params, "messages", max_tokens_param, lora_request, body)
         created = int(time.time())
@@ -233,6 +242,26 @@ class _Server:
         adapters = [ModelCard(id=name, created=self.created, root=lora.lora_path, parent=self.model_name,
                               max_model_len=max_model_len) for name, lora in self.loras.items()]
         return ModelList(data=[base, *adapters])
+
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's: the token ids /v1/completions (prompt) or /v1/chat/completions (messages) would run."""
+        self._served(body.model)
+        if body.messages is None:
+            tokens = await self._off_loop(lambda tokenizer: tokenizer.encode(body.prompt))
+        else:
+            tokens = await self._off_loop(lambda tokenizer: self._render_chat(
+                tokenizer, conversation(body.messages), body.add_generation_prompt))
+        return TokenizeResponse(count=len(tokens), max_model_len=self.engine.engine.max_model_len, tokens=tokens)
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        self._served(body.model)
+        vocab = self.engine.engine.model_config.vocab_size
+        if not all(0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"tokens must be token ids in [0, {vocab})", "tokens")
+        return DetokenizeResponse(prompt=await self._off_loop(lambda tokenizer: tokenizer.decode(body.tokens)))
+
+    async def version(self) -> dict[str, str]:
+        return {"version": foreseer.__version__}
 
     async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> Response:
         """vLLM's: read and check the adapter (in the background: steps go on), then serve it by name."""
@@ -307,13 +336,18 @@ class _Server:
         return Response(content, headers={"Content-Type": content_type})
 
     # -- requests into the engine -----------------------------------------------------------------------
+    def _served(self, model: str) -> LoRARequest | None:
+        """The adapter served as `model` (None: the base model); a 404 if this server serves no such model."""
+        lora_request = self.loras.get(model)
+        if model != self.model_name and lora_request is None:
+            served = ", ".join(f"`{n}`" for n in (self.model_name, *self.loras))
+            raise APIError(404, f"The model `{model}` does not exist; this server serves {served}",
+                           "model", code="model_not_found")
+        return lora_request
+
     def _check_request(self, body: CompletionRequest | ChatCompletionRequest) -> LoRARequest | None:
         """The adapter the `model` field names (None: the base model); APIError if the request cannot be served."""
-        lora_request = self.loras.get(body.model)
-        if body.model != self.model_name and lora_request is None:
-            served = ", ".join(f"`{n}`" for n in (self.model_name, *self.loras))
-            raise APIError(404, f"The model `{body.model}` does not exist; this server serves {served}",
-                           "model", code="model_not_found")
+        lora_request = self._served(body.model)
         unsupported = body.unsupported()
         if unsupported is not None:
             raise APIError(400, f"{unsupported} is not supported by this server", unsupported,
@@ -342,7 +376,10 @@ class _Server:
                 seed=body.seed, max_tokens=max_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
                 ignore_eos=body.ignore_eos, logprobs=logprobs,
                 include_stop_str_in_output=body.include_stop_str_in_output,
-                skip_special_tokens=body.skip_special_tokens)
+                skip_special_tokens=body.skip_special_tokens, presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                logit_bias=body.token_id_biases(), min_tokens=body.min_tokens, bad_words=body.bad_words)
         except ValueError as error:
             # "SamplingParams.<field> <problem>": report it under the API's name for that field.
             match = re.fullmatch(r"SamplingParams\.(\w+) (.*)", str(error), re.DOTALL)
@@ -362,11 +399,11 @@ class _Server:
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing, run)
 
     @staticmethod
-    def _render_chat(tokenizer, body: ChatCompletionRequest) -> list[int]:
+    def _render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
         if tokenizer.chat_template is None:
             raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
         try:
-            encoded = tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True,
+            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                     tokenize=True, return_dict=True)
         except (TemplateError, ValueError) as error:
             raise APIError(400, f"the model's chat template rejected the messages: {error}", "messages") from error
@@ -378,9 +415,10 @@ class _Server:
         try:
             return await self.engine.add_requests(request_id, prompts, params, lora_request, body.priority,
                                                   body.length_hint)
-        except ValueError as error:  # the engine's own checks: empty prompt, too long, max_tokens beyond context
-            message = str(error)
-            param = max_tokens_param if "max_tokens" in message else prompt_param
+        except ValueError as error:  # the engine's own checks: empty prompt, too long, max_tokens beyond context,
+            message = str(error)  # token ids past the vocabulary (naming their SamplingParams field)
+            field = re.search(r"SamplingParams\.(\w+) ", message)
+            param = field[1] if field else max_tokens_param if "max_tokens" in message else prompt_param
             raise APIError(400, message, param) from error
 
     # -- outputs --------------------------------------------------------------------------------------

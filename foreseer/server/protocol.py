@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ErrorInfo(BaseModel):
@@ -61,13 +61,15 @@ class _SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Accepted at their neutral values only; anything else is refused rather than silently ignored.
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
     # vLLM's extensions
     top_k: int | None = None
     min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    bad_words: list[str] | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
@@ -77,12 +79,16 @@ class _SamplingRequest(_Request):
     # Foreseer's: the answer's length in tokens where the client knows it; sjf and s3 then use it, not a prediction
     length_hint: int | None = Field(None, ge=1, lt=2**63)
 
-    def unsupported(self) -> str | None:
-        """The name of a field set to something this server cannot do, if any."""
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                return name
-        return "logit_bias" if self.logit_bias else None
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token in bias or {}:  # the values' range is SamplingParams' check
+            if not (token.isascii() and token.isdigit()):
+                raise ValueError(f"keys must be token ids, got {token!r}")
+        return bias
+
+    def token_id_biases(self) -> dict[int, float] | None:
+        return None if self.logit_bias is None else {int(t): b for t, b in self.logit_bias.items()}
 
     @property
     def include_usage(self) -> bool:
@@ -106,13 +112,12 @@ class CompletionRequest(_SamplingRequest):
         return list(self.prompt)
 
     def unsupported(self) -> str | None:
+        """The name of a field set to something this server cannot do, if any."""
         if self.echo:
             return "echo"
         if self.suffix:
             return "suffix"
-        if self.best_of not in (None, self.n):
-            return "best_of"
-        return super().unsupported()
+        return "best_of" if self.best_of not in (None, self.n) else None
 
 
 class TextContentPart(_Request):
@@ -149,13 +154,38 @@ class ChatCompletionRequest(_SamplingRequest):
             return "tools"
         if self.tool_choice not in (None, "none", "auto"):
             return "tool_choice"
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format"
-        return super().unsupported()
+        return "response_format" if self.response_format is not None and self.response_format.type != "text" else None
 
     def conversation(self) -> list[dict[str, str]]:
-        # "developer" is OpenAI's newer name for the system role; chat templates know "system".
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return conversation(self.messages)
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as chat templates take them."""
+    # "developer" is OpenAI's newer name for the system role; chat templates know "system".
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize body: a completion prompt, or chat messages rendered by the model's chat template."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True  # for messages
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    """vLLM's /detokenize body."""
+
+    model: str
+    tokens: list[int]
 
 
 class LoadLoRAAdapterRequest(_Request):
@@ -273,6 +303,16 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for the base model
     max_model_len: int
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelList(BaseModel):

@@ -93,7 +93,7 @@ class Speculator(StepHook):
 
     def propose(self, decoding: list[Request], num_other_tokens: int) -> None:
         """Set the `draft` of each decoding request (empty where speculation does not pay)."""
-        eligible = [r for r in decoding if r.params.use_speculation]
+        eligible = [r for r in decoding if r.params.speculates]
         self._predicted_draft_seconds = None
         for request in decoding:
             request.draft = DraftTree()

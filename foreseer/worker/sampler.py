@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, and top-N logprobs."""
+"""Token sampling: logits processing (penalties, logit bias, min tokens, bad words), greedy, temperature, top-k,
+top-p, min-p, per-request seeds, and top-N logprobs."""
 
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ class Sampler:
         at each draft node. Returns each request's emitted tokens, its accepted draft nodes and, where asked,
         the emitted tokens' logprobs."""
         row_requests = [r for r, d in zip(requests, drafts) for _ in range(len(d) + 1)]
-        argmax = logits.argmax(dim=-1).tolist()
+        adjusted = adjusted_logits(logits, row_requests)  # logprobs stay the model's own (vLLM's raw_logprobs)
+        argmax = adjusted.argmax(dim=-1).tolist()
         random_rows = [i for i, r in enumerate(row_requests) if not r.params.greedy]
         probs = None
         if random_rows:
-            probs = self.processed_probs(logits[random_rows], [row_requests[i] for i in random_rows])
+            probs = self.processed_probs(adjusted[random_rows], [row_requests[i] for i in random_rows])
             row_of = {row: i for i, row in enumerate(random_rows)}
         tokens, paths, logprobs = [], [], {}
         start = 0
@@ -84,6 +86,66 @@ class Sampler:
         if bool((min_p > 0).any()):
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
         return probs
+
+
+def adjusted_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """The logits after each request's logits processing (SamplingParams.adjusts_logits), in vLLM's order:
+    bad words and min tokens masked, logit bias added, then repetition, frequency and presence penalties.
+    logits: [R, V], row i at the last token of requests[i] (such requests do not speculate, so their history is
+    their tokens so far). Rows of requests without any processing are left as they are; so is `logits`."""
+    rows = [i for i, r in enumerate(requests) if r.params.adjusts_logits]
+    if not rows:
+        return logits
+    adjusted_requests = [requests[i] for i in rows]
+    params = [r.params for r in adjusted_requests]
+    vocab, device = logits.shape[-1], logits.device
+    x = logits[rows]
+    masked_rows, masked_tokens = [], []
+    bias_rows, bias_tokens, bias_values = [], [], []
+    for j, request in enumerate(adjusted_requests):
+        masked = _bad_word_ends(request)
+        if request.num_output_tokens < request.params.min_tokens:
+            masked += [t for t in request.stop_token_ids if t < vocab]
+        masked_rows += [j] * len(masked)
+        masked_tokens += masked
+        bias = request.params.logit_bias or {}
+        bias_rows += [j] * len(bias)
+        bias_tokens += bias.keys()
+        bias_values += bias.values()
+    x[masked_rows, masked_tokens] = float("-inf")
+    x.index_put_((torch.tensor(bias_rows, dtype=torch.long, device=device),
+                  torch.tensor(bias_tokens, dtype=torch.long, device=device)),
+                 torch.tensor(bias_values, dtype=x.dtype, device=device), accumulate=True)
+    # Token counts over a padded [R, V + 1] table: the pad token id V falls in the extra column, dropped after.
+    prompt_counts = _token_counts([r.prompt_token_ids for r in adjusted_requests], vocab, device)
+    output_counts = _token_counts([r.output_token_ids for r in adjusted_requests], vocab, device)
+    repetition = torch.tensor([p.repetition_penalty for p in params], dtype=x.dtype, device=device)[:, None]
+    penalty = torch.where((prompt_counts + output_counts) > 0, repetition, 1.0)
+    x = torch.where(x > 0, x / penalty, x * penalty)
+    x -= torch.tensor([p.frequency_penalty for p in params], dtype=x.dtype, device=device)[:, None] * output_counts
+    x -= torch.tensor([p.presence_penalty for p in params], dtype=x.dtype, device=device)[:, None] * (
+        output_counts > 0)
+    if len(rows) == len(requests):
+        return x
+    logits = logits.clone()
+    logits[rows] = x
+    return logits
+
+
+def _bad_word_ends(request: Request) -> list[int]:
+    """The last token of each bad word whose other tokens end the generated tokens (vLLM's rule)."""
+    output = request.output_token_ids
+    return [word[-1] for word in request.bad_words_token_ids
+            if len(word) <= len(output) + 1 and output[len(output) - len(word) + 1:] == word[:-1]]
+
+
+def _token_counts(sequences: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(sequences), vocab] float32: how often each token occurs in each sequence."""
+    longest = max(map(len, sequences))
+    ids = torch.tensor([s + [vocab] * (longest - len(s)) for s in sequences], dtype=torch.long, device=device)
+    counts = torch.zeros(len(sequences), vocab + 1, device=device)
+    counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
+    return counts[:, :vocab]
 
 
 def _logprobs(logits: torch.Tensor, token: int, num_top: int) -> tuple[float, dict[int, Logprob]]:
