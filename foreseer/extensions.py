@@ -1,10 +1,10 @@
 """C++ extensions for the CPU, compiled on first use with the machine's compiler (torch.utils.cpp_extension).
 
 Each build lives in a directory named by what determines it (the source's text and that of the package headers it
-includes, the flags, torch's version, the CPU's features, as -march=native compiles for this CPU), where the source
-is staged: checkouts at different paths then share one build instead of rebuilding in turn, and a changed source
-never races an older one's build. Sources include the kernels they share as `#include "layers/csrc/x.h"`, relative to
-the package root.
+includes, the flags, torch's version and directory, the CPU's features, as -march=native compiles for this CPU),
+where the source and its headers are staged: checkouts at different paths then share one build instead of
+rebuilding in turn, and a changed source never races an older one's build. Sources include the kernels they share
+as `#include "layers/csrc/x.h"`, relative to the package root.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def build_directory(name: str, source_text: bytes, extra_cflags: tuple[str, ...]
 
     flags = " ".join((*_CFLAGS, *extra_cflags)).encode()
     headers = _included_headers(source_text)
+    # torch's directory too: the build's commands name its headers, so two environments would rebuild in turn.
     parts = [source_text, *(name.encode() + b"\0" + headers[name] for name in sorted(headers)), flags,
-             torch.__version__.encode(), _cpu_features().encode()]
+             torch.__version__.encode(), os.path.dirname(torch.__file__).encode(), _cpu_features().encode()]
     digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     return os.path.join(extensions_root(), f"{name}-{digest}")
 
@@ -97,13 +98,19 @@ def load_cpu_extension(name: str, source: str, extra_cflags: tuple[str, ...] = (
             # Every build here holds the flock, so a torch lock file found now was left by a killed build.
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(directory, "lock"))
+            # The source and its headers are staged in the build directory, which is the include path: the build's
+            # commands then name no checkout, and checkouts at different paths do not rebuild it in turn.
             staged = os.path.join(directory, os.path.basename(source))
-            if not os.path.exists(staged):
-                with open(staged + ".tmp", "wb") as file:
-                    file.write(text)
-                os.replace(staged + ".tmp", staged)
+            for path, content in [(staged, text), *((os.path.join(directory, "include", header), content)
+                                                    for header, content in _included_headers(text).items())]:
+                if not os.path.exists(path):
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path + ".tmp", "wb") as file:
+                        file.write(content)
+                    os.replace(path + ".tmp", path)
             return load(name=name, sources=[staged], extra_cflags=[*_CFLAGS, *extra_cflags],
-                        extra_ldflags=list(_LDFLAGS), extra_include_paths=[_PACKAGE_ROOT], build_directory=directory)
+                        extra_ldflags=list(_LDFLAGS), extra_include_paths=[os.path.join(directory, "include")],
+                        build_directory=directory)
     except Exception as error:
         logger.warning("C++ extension %s unavailable (%s); using PyTorch instead", name, error)
         return None

@@ -87,6 +87,24 @@ def test_a_build_killed_midway_does_not_block_later_loads():
     assert not os.path.exists(os.path.join(directory, "lock"))
 
 
+def test_a_build_names_no_checkout_so_checkouts_share_it():
+    """torch rebuilds when a build's commands change: were the include path this checkout's package, checkouts at
+    two paths would rebuild the shared build in turn, each waiting minutes on the other's lock."""
+    import os
+
+    from foreseer.extensions import build_directory
+    from foreseer.layers import quantized_linear
+
+    assert load_kernels() is not None
+    with open(quantized_linear._SOURCE, "rb") as file:
+        directory = build_directory("foreseer_quantized_cpu", file.read(), ("-ffp-contract=off",))
+    with open(os.path.join(directory, "build.ninja")) as file:
+        commands = file.read()
+    package_root = os.path.dirname(os.path.abspath(quantized_linear.__file__)).rpartition(os.sep)[0]
+    assert package_root not in commands and os.path.join(directory, "include") in commands
+    assert os.path.exists(os.path.join(directory, "include", "layers", "csrc", "quantized.h"))
+
+
 @pytest.mark.parametrize("name", FORMATS)
 def test_dequantize_is_bit_identical_to_gguf(name):
     weight = random_weight(name, *_shape(name))
