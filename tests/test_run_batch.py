@@ -62,7 +62,8 @@ def test_answers_equal_the_offline_llm(batch, llm):
     assert fox["body"]["usage"]["completion_tokens"] == len(expected.outputs[0].token_ids)
 
     two = by_id["two-prompts"]["response"]["body"]
-    expected = llm.generate(["one two", "three four five"], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    expected = llm.generate(["one two", "three four five"], SamplingParams(temperature=0, max_tokens=5),
+                            use_tqdm=False)
     assert [c["index"] for c in two["choices"]] == [0, 1]
     assert [c["text"] for c in two["choices"]] == [o.outputs[0].text for o in expected]
 
