@@ -369,14 +369,29 @@ class _Server:
     def _event_stream(self, events: AsyncIterator[str], group: RequestGroup) -> StreamingResponse:
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
 
+        keepalive_s = self.config.sse_keepalive_s or None
+
+        async def next_event() -> str | None:
+            return await anext(events, None)
+
         async def framed() -> AsyncIterator[str]:
+            # The next event is awaited in a task of its own: a keep-alive between events must not cancel it.
+            waiting: asyncio.Future[str | None] | None = None
             try:
                 while True:
                     remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                    try:
-                        yield await asyncio.wait_for(anext(events), remaining)
-                    except StopAsyncIteration:
+                    waiting = waiting or asyncio.ensure_future(next_event())
+                    done, _ = await asyncio.wait({waiting}, timeout=_earliest(remaining, keepalive_s))
+                    if not done:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise TimeoutError
+                        # An SSE comment: clients ignore it, proxies see the connection alive.
+                        yield ": keep-alive\n\n"
+                        continue
+                    event, waiting = waiting.result(), None
+                    if event is None:
                         break
+                    yield event
             except TimeoutError:
                 yield _sse(self._timed_out().body)
             except EngineNotRunningError as error:  # the engine failed or stopped mid-stream
@@ -384,6 +399,8 @@ class _Server:
             except RequestFailedError as error:  # a fault in the engine traced to this request
                 yield _sse(_failed(error).body)
             finally:
+                if waiting is not None:
+                    waiting.cancel()
                 group.close()  # the client went away (the generator is closed early): abort what is left
             yield "data: [DONE]\n\n"
 
@@ -442,6 +459,11 @@ class _Server:
             final = output
         if body.include_usage and final is not None:
             yield chunk([], usage([final]))
+
+def _earliest(*timeouts: float | None) -> float | None:
+    """The shortest of the timeouts given (None: no timeout)."""
+    return min((t for t in timeouts if t is not None), default=None)
+
 
 def _has_news(c: CompletionOutput, sent: _ChoiceProgress, with_logprobs: bool) -> bool:
     return (len(c.text) > sent.text or c.finish_reason is not None
