@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import foreseer
 from foreseer.cli.serve import lora_module
 
 __all__ = ["COMMANDS", "Command", "Group", "build_parser", "lora_module", "main"]
@@ -88,6 +89,7 @@ def _add_commands(parser: argparse.ArgumentParser, dest: str, entries: Sequence[
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The `foreseer` parser: every command's arguments, or given a command line, only those of its command."""
     parser = argparse.ArgumentParser(prog="foreseer", description="Foreseer LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {foreseer.__version__}")
     _add_commands(parser, "command", COMMANDS, None if argv is None else list(argv))
     return parser
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from foreseer.cli.serve import add_chat_template_argument, set_chat_template
 from foreseer.commands import add_dataclass_arguments, add_engine_arguments, from_args, make_llm
 from foreseer.sampling_params import SamplingParams
 from foreseer.server.config import ServerConfig
@@ -67,6 +68,7 @@ class _Request:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input-file", required=True, help="the requests, one JSON object a line")
     parser.add_argument("-o", "--output-file", required=True, help="where the results go, one JSON object a line")
+    add_chat_template_argument(parser)
     add_dataclass_arguments(parser.add_argument_group("requests"), ServerConfig,
                             exclude=[f.name for f in dataclasses.fields(ServerConfig) if f.name not in SERVER_FIELDS])
     add_engine_arguments(parser)
@@ -77,6 +79,7 @@ def main(args: argparse.Namespace) -> int:
     with open(args.input_file, encoding="utf-8") as file:
         lines = [line for line in file if line.strip()]
     llm = make_llm(args)
+    set_chat_template(llm, args)
     model_name = config.served_model_name or args.model
     results: list[dict[str, Any]] = [{}] * len(lines)
     requests: dict[int, _Request] = {}
