@@ -89,7 +89,7 @@ def _type_keywords(hint: Any, default: Any) -> dict[str, Any]:
             hint = rest[0]
     origin = typing.get_origin(hint) or hint
     if hint is bool:
-        return {"action": "store_false" if default else "store_true"}
+        return {"action": argparse.BooleanOptionalAction if default else "store_true"}
     if hint is str:
         return {}
     if hint in (int, float):
@@ -108,7 +108,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
                             names: Mapping[str, str] | None = None) -> None:
     """A flag for each field of `cls`, its parsed value under the field's name. `defaults` replace the fields'
     own where a command's default differs, `choices` restrict values, `names` rename flags. A bool that is on by
-    default gives `--no-<name>` ("enable_" dropped), which turns it off."""
+    default gives `--<name>` and `--no-<name>` (vLLM's spelling), and for an `enable_<x>`, `--no-<x>` too."""
     defaults, choices, names = defaults or {}, choices or {}, names or {}
     for owner, f, hint in _fields(cls, exclude):
         if f.name in defaults:
@@ -120,17 +120,18 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
         keywords = _type_keywords(hint, default)
         name = names.get(f.name, f.name)
         help_text = field_comments(owner).get(f.name)
-        if keywords.get("action") == "store_false":
-            name = "no_" + name.removeprefix("enable_")
-            help_text = help_text and f"turn off: {help_text}"
         if default is dataclasses.MISSING:
             keywords["required"] = True
         else:
             keywords["default"] = default
         if f.name in choices:
             keywords["choices"] = choices[f.name]
-        parser.add_argument("--" + name.replace("_", "-"), dest=f.name,
-                            help=help_text and help_text.replace("%", "%%"), **keywords)
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=f.name, help=help_text and help_text.replace("%", "%%"), **keywords)
+        if keywords.get("action") is argparse.BooleanOptionalAction and name.startswith("enable_"):
+            # The shorter spelling, as it was before vLLM's: --no-prefix-caching.
+            parser.add_argument("--no-" + flag.removeprefix("--enable-"), dest=f.name, action="store_false",
+                                help=f"the same as --no-{flag.removeprefix('--')}")
 
 
 def from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:

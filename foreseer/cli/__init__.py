@@ -1,5 +1,6 @@
-"""Command line: foreseer generate | chat | serve | bench throughput|decode|spec|seqsched|lora|serve|policies |
-spec train-medusa|search-layers | lengths build|traces|train|compare|eval | lora train.
+"""Command line: foreseer generate | chat | run-batch | serve |
+bench throughput|decode|spec|seqsched|lora|serve|policies | spec train-medusa|search-layers |
+lengths build|traces|train|compare|eval | lora train.
 
 Each command is a module with `add_arguments(parser)` and `main(args) -> int`, named in COMMANDS and imported only
 when its command runs (or when the whole parser is built)."""
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import foreseer
 from foreseer.cli.serve import lora_module
 
 __all__ = ["COMMANDS", "Command", "Group", "build_parser", "lora_module", "main"]
@@ -35,6 +37,8 @@ class Group:
 COMMANDS: tuple[Command | Group, ...] = (
     Command("generate", "generate answers to prompts", "foreseer.cli.generate"),
     Command("chat", "interactive chat, streaming tokens", "foreseer.cli.chat"),
+    Command("run-batch", "OpenAI Batch API requests from a JSONL file, run together offline (as vllm run-batch)",
+            "foreseer.cli.run_batch"),
     Group("bench", "benchmarks", (
         Command("throughput", "offline throughput on ShareGPT prompts", "foreseer.cli.bench.throughput"),
         Command("decode", "batch-1 CPU decode against llama.cpp (same GGUF, same threads), split-KV attention, "
@@ -85,6 +89,7 @@ def _add_commands(parser: argparse.ArgumentParser, dest: str, entries: Sequence[
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The `foreseer` parser: every command's arguments, or given a command line, only those of its command."""
     parser = argparse.ArgumentParser(prog="foreseer", description="Foreseer LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {foreseer.__version__}")
     _add_commands(parser, "command", COMMANDS, None if argv is None else list(argv))
     return parser
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+from typing import TYPE_CHECKING
 
 from foreseer.commands import add_dataclass_arguments, add_engine_arguments, from_args, make_llm
 from foreseer.server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from foreseer.llm import LLM
 
 
 def lora_module(value: str) -> tuple[str, str]:
@@ -41,7 +46,29 @@ def _lora_modules(args: argparse.Namespace) -> dict[str, str]:
     return modules
 
 
+def chat_template(value: str) -> str:
+    """A --chat-template: the file's text where the value names a file, else the template as given."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as file:
+            return file.read()
+    return value
+
+
+def add_chat_template_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chat-template", type=chat_template, default=None, metavar="PATH_OR_TEMPLATE",
+                        help="a Jinja chat template (a file, or the template itself) used instead of the tokenizer's")
+
+
+def set_chat_template(llm: LLM, args: argparse.Namespace) -> None:
+    """Put --chat-template, if given, in the tokenizer's place (the server's tokenizers are copies of this one)."""
+    if args.chat_template is not None:
+        llm.tokenizer.chat_template = args.chat_template
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="the model to serve, as vLLM takes it (the same as --model, which it overrides)")
+    add_chat_template_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -61,7 +88,11 @@ def main(args: argparse.Namespace) -> int:
 
     config = from_args(ServerConfig, args)  # before the model loads: a bad flag fails fast
     lora_modules = _lora_modules(args)
-    engine = AsyncLLMEngine(make_llm(args).engine, config.max_waiting_requests, config.step_timeout_s)
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    llm = make_llm(args)
+    set_chat_template(llm, args)
+    engine = AsyncLLMEngine(llm.engine, config.max_waiting_requests, config.step_timeout_s)
     app = create_app(engine, config, lora_modules)
     # uvicorn drains on SIGTERM: it stops listening, lets running requests finish, then the app stops the engine.
     # Then it raises the signal again, to whatever handler was there before it: with this one, which ignores it, a

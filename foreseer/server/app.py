@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from jinja2 import TemplateError
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
@@ -46,37 +45,39 @@ from foreseer.engine.async_engine import (
 )
 from foreseer.lora import LoRARequest
 from foreseer.lora.manager import LoRAInUseError
-from foreseer.outputs import CompletionOutput, Logprob, RequestOutput
+from foreseer.outputs import CompletionOutput, RequestOutput
 from foreseer.sampling_params import SamplingParams
 from foreseer.server.config import ServerConfig
 from foreseer.server.metrics import ResponseCounter, ServerMetrics
 from foreseer.server.protocol import (
-    ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
     ChatDelta,
-    ChatLogprobs,
-    ChatResponseMessage,
     ChatStreamChoice,
-    ChatTokenLogprob,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
-    ErrorInfo,
-    ErrorResponse,
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
-    TopLogprob,
     UnloadLoRAAdapterRequest,
     UsageInfo,
     conversation,
+)
+from foreseer.server.serving import (
+    APIError,
+    ResponseBuilder,
+    chat_sampling_params,
+    check_request,
+    completion_sampling_params,
+    engine_rejection,
+    invalid_body,
+    render_chat,
+    usage,
 )
 
 RETRY_AFTER_S = 1
@@ -85,18 +86,8 @@ ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_
              "/v1/unload_lora_adapter", "/tokenize", "/detokenize", "/version", "/health", "/metrics")
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 error_type: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = ErrorResponse(error=ErrorInfo(
-            message=message, param=param, code=code,
-            type=error_type or ("invalid_request_error" if status < 500 else "server_error")))
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body.model_dump(), status_code=self.status, headers=self.headers)
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body.model_dump(), status_code=error.status, headers=error.headers)
 
 
 def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None,
@@ -166,7 +157,7 @@ class _Server:
         self.tokenizer = copy.deepcopy(engine.engine.tokenizer)
         self.tokenizing = concurrent.futures.ThreadPoolExecutor(TOKENIZER_THREADS, "foreseer-tokenize")
         self._worker_tokenizers = threading.local()
-        self._token_texts: dict[int, str] = {}
+        self.responses = ResponseBuilder(self.tokenizer)
         self.metrics = ServerMetrics(engine, ENDPOINTS)
         self.loras: dict[str, LoRARequest] = {}  # served adapters by name
         self._lora_ids = itertools.count(1)  # never reused: an id names one directory for the server's life
@@ -184,7 +175,7 @@ class _Server:
     # -- endpoints ------------------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, raw: Request) -> Response:
         lora_request = self._check_request(body)
-        params = self._sampling_params(body, body.max_tokens, body.logprobs, {})
+        params = completion_sampling_params(body)
         request_id = _request_id("cmpl", raw)
         prompts = [p if isinstance(p, list) else await self._off_loop(lambda tokenizer, p=p: tokenizer.encode(p))
                    for p in body.prompts()]
@@ -195,28 +186,12 @@ class _Server:
         outputs = await self._collect(group, raw)
         if outputs is None:
             return _client_gone()
-        choices = [
-            CompletionChoice(
-                index=prompt_index * body.n + c.index, text=c.text,
-                logprobs=None if body.logprobs is None else self._completion_logprobs(c, 0, body.logprobs, 0),
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-            for prompt_index, output in sorted(outputs.items()) for c in output.outputs
-        ]
-        return _json(CompletionResponse(id=request_id, created=created, model=body.model, choices=choices,
-                                        usage=_usage(outputs.values())))
+        return _json(self.responses.completion_response(body, request_id, created, outputs))
 
     async def chat_completions(self, body: ChatCompletionRequest, raw: Request) -> Response:
         lora_request = self._check_request(body)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
-        num_top = (body.top_logprobs or 0) if body.logprobs else None
-        if body.max_completion_tokens is not None:
-            max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"
-        else:
-            max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
-        params = self._sampling_params(body, max_tokens, num_top,
-                                       {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"})
-        prompt = await self._off_loop(lambda tokenizer: self._render_chat(tokenizer, body.conversation(), True))
+        params, num_top, max_tokens_param = chat_sampling_params(body)
+        prompt = await self._off_loop(lambda tokenizer: render_chat(tokenizer, body.conversation(), True))
         request_id = _request_id("chatcmpl", raw)
         group = await self._submit(request_id, [prompt], params, "messages", max_tokens_param, lora_request, body)
         created = int(time.time())
@@ -225,15 +200,7 @@ class _Server:
         outputs = await self._collect(group, raw)
         if outputs is None:
             return _client_gone()
-        output = outputs[0]
-        choices = [
-            ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                       logprobs=None if num_top is None else self._chat_logprobs(c, 0, num_top),
-                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-            for c in output.outputs
-        ]
-        return _json(ChatCompletionResponse(id=request_id, created=created, model=body.model, choices=choices,
-                                            usage=_usage([output])))
+        return _json(self.responses.chat_response(body, request_id, created, outputs[0], num_top))
 
     async def models(self) -> ModelList:
         max_model_len = self.engine.engine.max_model_len
@@ -249,7 +216,7 @@ class _Server:
         if body.messages is None:
             tokens = await self._off_loop(lambda tokenizer: tokenizer.encode(body.prompt))
         else:
-            tokens = await self._off_loop(lambda tokenizer: self._render_chat(
+            tokens = await self._off_loop(lambda tokenizer: render_chat(
                 tokenizer, conversation(body.messages), body.add_generation_prompt))
         return TokenizeResponse(count=len(tokens), max_model_len=self.engine.engine.max_model_len, tokens=tokens)
 
@@ -348,45 +315,8 @@ class _Server:
     def _check_request(self, body: CompletionRequest | ChatCompletionRequest) -> LoRARequest | None:
         """The adapter the `model` field names (None: the base model); APIError if the request cannot be served."""
         lora_request = self._served(body.model)
-        unsupported = body.unsupported()
-        if unsupported is not None:
-            raise APIError(400, f"{unsupported} is not supported by this server", unsupported,
-                           code="unsupported_parameter")
-        limits = self.config
-        counts = {"n": (body.n, limits.max_n, "max_n")}
-        if isinstance(body, CompletionRequest):
-            counts["prompt"] = (len(body.prompts()), limits.max_prompts, "max_prompts")
-            counts["logprobs"] = (body.logprobs or 0, limits.max_logprobs, "max_logprobs")
-        else:
-            counts["messages"] = (len(body.messages), limits.max_messages, "max_messages")
-            counts["top_logprobs"] = (body.top_logprobs or 0, limits.max_logprobs, "max_logprobs")
-        for param, (value, limit, flag) in counts.items():
-            if value > limit:
-                raise APIError(400, f"{param} asks for {value}; this server allows at most {limit} "
-                               f"(--{flag.replace('_', '-')})", param, code="limit_exceeded")
+        check_request(body, self.config)
         return lora_request
-
-    @staticmethod
-    def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
-                         logprobs: int | None, api_names: dict[str, str]) -> SamplingParams:
-        try:
-            return SamplingParams(
-                n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
-                seed=body.seed, max_tokens=max_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
-                ignore_eos=body.ignore_eos, logprobs=logprobs,
-                include_stop_str_in_output=body.include_stop_str_in_output,
-                skip_special_tokens=body.skip_special_tokens, presence_penalty=body.presence_penalty or 0.0,
-                frequency_penalty=body.frequency_penalty or 0.0,
-                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-                logit_bias=body.token_id_biases(), min_tokens=body.min_tokens, bad_words=body.bad_words)
-        except ValueError as error:
-            # "SamplingParams.<field> <problem>": report it under the API's name for that field.
-            match = re.fullmatch(r"SamplingParams\.(\w+) (.*)", str(error), re.DOTALL)
-            if match is None:
-                raise APIError(400, str(error)) from error
-            param = api_names.get(match[1], match[1])
-            raise APIError(400, f"{param} {match[2]}", param) from error
 
     async def _off_loop(self, work: Callable) -> Any:
         """work(tokenizer) in a tokenizer thread, with that thread's own copy of the tokenizer."""
@@ -398,28 +328,14 @@ class _Server:
 
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing, run)
 
-    @staticmethod
-    def _render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-        if tokenizer.chat_template is None:
-            raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-        try:
-            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                    tokenize=True, return_dict=True)
-        except (TemplateError, ValueError) as error:
-            raise APIError(400, f"the model's chat template rejected the messages: {error}", "messages") from error
-        return list(encoded["input_ids"])
-
     async def _submit(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams,
                       prompt_param: str, max_tokens_param: str, lora_request: LoRARequest | None,
                       body: CompletionRequest | ChatCompletionRequest) -> RequestGroup:
         try:
             return await self.engine.add_requests(request_id, prompts, params, lora_request, body.priority,
                                                   body.length_hint)
-        except ValueError as error:  # the engine's own checks: empty prompt, too long, max_tokens beyond context,
-            message = str(error)  # token ids past the vocabulary (naming their SamplingParams field)
-            field = re.search(r"SamplingParams\.(\w+) ", message)
-            param = field[1] if field else max_tokens_param if "max_tokens" in message else prompt_param
-            raise APIError(400, message, param) from error
+        except ValueError as error:
+            raise engine_rejection(str(error), prompt_param, max_tokens_param) from error
 
     # -- outputs --------------------------------------------------------------------------------------
     @property
@@ -453,14 +369,29 @@ class _Server:
     def _event_stream(self, events: AsyncIterator[str], group: RequestGroup) -> StreamingResponse:
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
 
+        keepalive_s = self.config.sse_keepalive_s or None
+
+        async def next_event() -> str | None:
+            return await anext(events, None)
+
         async def framed() -> AsyncIterator[str]:
+            # The next event is awaited in a task of its own: a keep-alive between events must not cancel it.
+            waiting: asyncio.Future[str | None] | None = None
             try:
                 while True:
                     remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                    try:
-                        yield await asyncio.wait_for(anext(events), remaining)
-                    except StopAsyncIteration:
+                    waiting = waiting or asyncio.ensure_future(next_event())
+                    done, _ = await asyncio.wait({waiting}, timeout=_earliest(remaining, keepalive_s))
+                    if not done:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise TimeoutError
+                        # An SSE comment: clients ignore it, proxies see the connection alive.
+                        yield ": keep-alive\n\n"
+                        continue
+                    event, waiting = waiting.result(), None
+                    if event is None:
                         break
+                    yield event
             except TimeoutError:
                 yield _sse(self._timed_out().body)
             except EngineNotRunningError as error:  # the engine failed or stopped mid-stream
@@ -468,6 +399,8 @@ class _Server:
             except RequestFailedError as error:  # a fault in the engine traced to this request
                 yield _sse(_failed(error).body)
             finally:
+                if waiting is not None:
+                    waiting.cancel()
                 group.close()  # the client went away (the generator is closed early): abort what is left
             yield "data: [DONE]\n\n"
 
@@ -488,7 +421,7 @@ class _Server:
                     continue
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs = self._completion_logprobs(c, sent.tokens, body.logprobs, sent.text_offset)
+                    logprobs = self.responses.completion_logprobs(c, sent.tokens, body.logprobs, sent.text_offset)
                     sent.text_offset += sum(map(len, logprobs.tokens))
                 choice = CompletionChoice(index=index, text=c.text[sent.text:], logprobs=logprobs,
                                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)
@@ -499,7 +432,7 @@ class _Server:
                 finals.append(output)
         if body.include_usage:
             yield _sse(CompletionResponse(id=request_id, created=created, model=body.model, choices=[],
-                                          usage=_usage(finals)))
+                                          usage=usage(finals)))
 
     async def _chat_events(self, group: RequestGroup, body: ChatCompletionRequest, request_id: str, created: int,
                            num_top: int | None) -> AsyncIterator[str]:
@@ -517,7 +450,7 @@ class _Server:
                 sent = progress[c.index]
                 if sent.finished or not _has_news(c, sent, num_top is not None):
                     continue
-                logprobs = None if num_top is None else self._chat_logprobs(c, sent.tokens, num_top)
+                logprobs = None if num_top is None else self.responses.chat_logprobs(c, sent.tokens, num_top)
                 choice = ChatStreamChoice(index=c.index, delta=ChatDelta(content=c.text[sent.text:]),
                                           logprobs=logprobs, finish_reason=c.finish_reason,
                                           stop_reason=c.stop_reason)
@@ -525,41 +458,11 @@ class _Server:
                 yield chunk([choice])
             final = output
         if body.include_usage and final is not None:
-            yield chunk([], _usage([final]))
+            yield chunk([], usage([final]))
 
-    # -- logprobs -------------------------------------------------------------------------------------
-    def _token_text(self, token_id: int) -> str:
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
-        return text
-
-    def _top(self, logprobs: dict[int, Logprob], num_top: int) -> list[tuple[str, float]]:
-        ranked = sorted((lp.rank, token_id, lp.logprob) for token_id, lp in logprobs.items() if lp.rank <= num_top)
-        return [(self._token_text(token_id), logprob) for _, token_id, logprob in ranked]
-
-    def _completion_logprobs(self, c: CompletionOutput, start: int, num_top: int,
-                             text_offset: int) -> CompletionLogprobs:
-        result = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
-        for token_id, logprobs in zip(c.token_ids[start:], c.logprobs[start:]):
-            text = self._token_text(token_id)
-            result.tokens.append(text)
-            result.token_logprobs.append(logprobs[token_id].logprob)
-            result.top_logprobs.append(dict(self._top(logprobs, num_top)))
-            result.text_offset.append(text_offset)
-            text_offset += len(text)
-        return result
-
-    def _chat_logprobs(self, c: CompletionOutput, start: int, num_top: int) -> ChatLogprobs:
-        def entry(token: str, logprob: float) -> TopLogprob:
-            return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
-
-        content = []
-        for token_id, logprobs in zip(c.token_ids[start:], c.logprobs[start:]):
-            chosen = entry(self._token_text(token_id), logprobs[token_id].logprob)
-            top = [entry(token, logprob) for token, logprob in self._top(logprobs, num_top)]
-            content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=top))
-        return ChatLogprobs(content=content)
+def _earliest(*timeouts: float | None) -> float | None:
+    """The shortest of the timeouts given (None: no timeout)."""
+    return min((t for t in timeouts if t is not None), default=None)
 
 
 def _has_news(c: CompletionOutput, sent: _ChoiceProgress, with_logprobs: bool) -> bool:
@@ -569,13 +472,6 @@ def _has_news(c: CompletionOutput, sent: _ChoiceProgress, with_logprobs: bool) -
 
 def _advance(sent: _ChoiceProgress, c: CompletionOutput) -> None:
     sent.text, sent.tokens, sent.finished = len(c.text), len(c.token_ids), c.finish_reason is not None
-
-
-def _usage(outputs: Iterable[RequestOutput]) -> UsageInfo:
-    outputs = list(outputs)
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _json(model: BaseModel) -> Response:
@@ -619,8 +515,9 @@ class _LimitBody:
         self.max_bytes = max_bytes
 
     def _refusal(self) -> Response:
-        return APIError(413, f"the request body is larger than the server's limit of {self.max_bytes} bytes "
-                        "(--max-body-bytes)", code="body_too_large", headers={"Connection": "close"}).response()
+        return _error_response(APIError(
+            413, f"the request body is larger than the server's limit of {self.max_bytes} bytes (--max-body-bytes)",
+            code="body_too_large", headers={"Connection": "close"}))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -673,7 +570,7 @@ class _LimitHeaders:
             if problem is not None:
                 error = APIError(431, f"the request has {problem}", code="headers_too_large",
                                  headers={"Connection": "close"})
-                await error.response()(scope, receive, send)
+                await _error_response(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -690,7 +587,7 @@ class _RequireAPIKey:
         if scope["type"] == "http" and scope["path"].startswith(self.protected) and not self._authorized(scope):
             error = APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
                              code="invalid_api_key")
-            await error.response()(scope, receive, send)
+            await _error_response(error)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -701,15 +598,16 @@ class _RequireAPIKey:
 
 # -- error handlers ---------------------------------------------------------------------------------------
 async def _api_error(_: Request, error: APIError) -> Response:
-    return error.response()
+    return _error_response(error)
 
 
 async def _overloaded(_: Request, error: EngineOverloadedError) -> Response:
-    return APIError(503, str(error), code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}).response()
+    return _error_response(APIError(503, str(error), code="overloaded",
+                                    headers={"Retry-After": str(RETRY_AFTER_S)}))
 
 
 async def _engine_not_running(_: Request, error: EngineNotRunningError) -> Response:
-    return APIError(503, str(error), code="engine_not_running").response()
+    return _error_response(APIError(503, str(error), code="engine_not_running"))
 
 
 def _failed(error: RequestFailedError) -> APIError:
@@ -718,38 +616,23 @@ def _failed(error: RequestFailedError) -> APIError:
 
 async def _request_failed(_: Request, error: RequestFailedError) -> Response:
     # The fault was contained to this request: the server and its other requests go on, the connection too.
-    return _failed(error).response()
+    return _error_response(_failed(error))
 
 
 async def _invalid_request(_: Request, error: RequestValidationError) -> Response:
     problems = error.errors()
     if problems[0]["type"] == "json_invalid":
         reason = problems[0].get("ctx", {}).get("error", "")
-        return APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json").response()
-    # Of the problems with the first field, the deepest is the most precise (e.g. inside one member of a union).
-    first = max((p for p in problems if p["loc"][:2] == problems[0]["loc"][:2]), key=lambda p: len(p["loc"]))
-    # loc is ("body", field, ...); union members add their type names (e.g. "list[int]"), which only confuse.
-    path = [str(p) for p in first["loc"][1:] if isinstance(p, int) or ("[" not in p and p not in ("str", "int"))]
-    param = ".".join(path) or None
-    message = f"{param}: {first['msg']}" if param else f"the request body: {first['msg']}"
-    if "input" in first and first["type"] != "missing" and param:
-        message += f" (got {_short(first['input'])})"
-    others = {p["loc"][:2] for p in problems} - {first["loc"][:2]}
-    if others:
-        message += f"; and problems with {len(others)} more field(s)"
-    return APIError(400, message, param, code="invalid_value").response()
+        return _error_response(APIError(400, f"the request body is not valid JSON: {reason}",
+                                        code="invalid_json"))
+    return _error_response(invalid_body(problems))
 
 
 async def _http_error(_: Request, error: StarletteHTTPException) -> Response:
-    return APIError(error.status_code, str(error.detail), headers=error.headers).response()
+    return _error_response(APIError(error.status_code, str(error.detail), headers=error.headers))
 
 
 async def _unexpected_error(_: Request, error: Exception) -> Response:
     # Starlette re-raises the error after this response, so the server logs it with its traceback, and the server
     # then drops the connection: Connection: close tells the client not to send its next request on it.
-    return APIError(500, f"internal error: {error}", headers={"Connection": "close"}).response()
-
-
-def _short(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+    return _error_response(APIError(500, f"internal error: {error}", headers={"Connection": "close"}))

@@ -23,6 +23,9 @@ class ServerConfig:
     max_messages: int = 1024  # messages in one chat request; more get a 400
     max_n: int = 128  # choices per request (n); more get a 400
     max_logprobs: int = 20  # top logprobs per token (logprobs, top_logprobs); more get a 400, as OpenAI's
+    # while a stream waits (queued, or for a slow token), an SSE comment line this often keeps proxies and clients
+    # from closing it as idle (0: none)
+    sse_keepalive_s: float = 15.0
     request_timeout_s: float = 600.0  # a request unfinished after this many seconds is aborted with a 408 (0: never)
     # an engine step running longer reports the engine hung (/health, the log)
     step_timeout_s: float = STEP_TIMEOUT_S
@@ -35,6 +38,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.request_timeout_s >= 0:
             raise ValueError(f"request_timeout_s must be >= 0 (0: no limit), got {self.request_timeout_s!r}")
+        if not self.sse_keepalive_s >= 0:
+            raise ValueError(f"sse_keepalive_s must be >= 0 (0: no keep-alive), got {self.sse_keepalive_s!r}")
         if not self.step_timeout_s > 0:
             raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s!r}")
         if self.protect_metrics and self.api_key is None:
