@@ -370,6 +370,11 @@ class _Server:
     def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
                          logprobs: int | None, api_names: dict[str, str]) -> SamplingParams:
         try:
+            structured_outputs, structured_field = body.structured_outputs_params()
+        except ValueError as error:
+            raise APIError(400, str(error), str(error).split(":")[0]) from error
+        api_names = {**api_names, "structured_outputs": structured_field}
+        try:
             return SamplingParams(
                 n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
@@ -379,7 +384,8 @@ class _Server:
                 skip_special_tokens=body.skip_special_tokens, presence_penalty=body.presence_penalty or 0.0,
                 frequency_penalty=body.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-                logit_bias=body.token_id_biases(), min_tokens=body.min_tokens, bad_words=body.bad_words)
+                logit_bias=body.token_id_biases(), min_tokens=body.min_tokens, bad_words=body.bad_words,
+                structured_outputs=structured_outputs)
         except ValueError as error:
             # "SamplingParams.<field> <problem>": report it under the API's name for that field.
             match = re.fullmatch(r"SamplingParams\.(\w+) (.*)", str(error), re.DOTALL)
@@ -419,6 +425,8 @@ class _Server:
             message = str(error)  # token ids past the vocabulary (naming their SamplingParams field)
             field = re.search(r"SamplingParams\.(\w+) ", message)
             param = field[1] if field else max_tokens_param if "max_tokens" in message else prompt_param
+            if param == "structured_outputs":  # named as the request set it (response_format, guided_json, ...)
+                param = body.structured_outputs_params()[1]
             raise APIError(400, message, param) from error
 
     # -- outputs --------------------------------------------------------------------------------------
