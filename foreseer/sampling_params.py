@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -15,6 +16,48 @@ TOP_K_UNLIMITED = 2**31
 REPETITION_PENALTY_RANGE = (1e-6, 1e6)
 LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 SEED_RANGE = (-(2**63), 2**63)  # a torch.Generator takes [-2**63, 2**64): seed + i, for the i-th of n choices, fits
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's form): exactly one of these is set. The engine compiles it when
+    the request is added; a schema, regex or grammar the library refuses is a ValueError then."""
+
+    json: dict | str | None = None  # a JSON schema, as a dict or its JSON text
+    regex: str | None = None
+    choice: list[str] | None = None  # the output is one of these strings
+    grammar: str | None = None  # EBNF, in the grammar library's dialect (xgrammar's GBNF)
+    json_object: bool = False  # any JSON object
+
+    def __post_init__(self) -> None:
+        kinds = [name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name)]
+        _check(len(kinds) == 1, "structured_outputs", f"must set exactly one of json, regex, choice, grammar or "
+               f"json_object, got {kinds or 'none'}")
+        _check(self.json is None or isinstance(self.json, dict | str), "structured_outputs",
+               f"json must be a schema dict or its JSON text, got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, str), "structured_outputs",
+                   f"{name} must be a string, got {type(value).__name__}")
+        _check(self.choice is None or (isinstance(self.choice, list | tuple)
+                                       and all(isinstance(c, str) and c for c in self.choice)),
+               "structured_outputs", "choice must be a list of non-empty strings")
+        _check(isinstance(self.json_object, bool), "structured_outputs", "json_object must be a bool")
+        if self.choice is not None:
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: json, regex, choice, grammar or json_object."""
+        return next(name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies the compiled grammar: equal keys compile to the same one."""
+        value = getattr(self, self.kind)
+        if isinstance(value, dict | list):
+            value = json.dumps(value, sort_keys=True)
+        return self.kind, str(value)
 
 
 @dataclass
@@ -44,6 +87,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are generated
     bad_words: list[str] | None = None  # a word's last token is masked where its other tokens were just generated
+    # A grammar the output follows (JSON schema, regex, choice, EBNF); such a request does not speculate.
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +138,11 @@ class SamplingParams:
         _check(all(isinstance(w, str) and w.strip() for w in self.bad_words or []), "bad_words",
                "must be non-blank strings")
         self.bad_words = list(self.bad_words or []) or None
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", f"must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
+        # At the grammar's end only EOS is allowed: past an ignored EOS the grammar allows nothing.
+        _check(self.structured_outputs is None or not self.ignore_eos, "structured_outputs",
+               "cannot be combined with ignore_eos")
         # As floats: a large int temperature would overflow the int64 tensor the sampler builds from them.
         self.temperature, self.top_p, self.min_p = float(self.temperature), float(self.top_p), float(self.min_p)
         self.presence_penalty, self.frequency_penalty = float(self.presence_penalty), float(self.frequency_penalty)
@@ -113,8 +163,8 @@ class SamplingParams:
     @property
     def speculates(self) -> bool:
         """Whether the engine may speculate for this request: not where the logits processing depends on the
-        tokens generated before each position."""
-        return self.use_speculation and not self.adjusts_logits
+        tokens generated before each position, nor where a grammar's mask does."""
+        return self.use_speculation and not self.adjusts_logits and self.structured_outputs is None
 
 
 def _is_integer(value: object) -> bool:

@@ -110,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
         body = request.body
         if failed is not None:
             prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-            error = engine_rejection(failed, prompt_param, request.max_tokens_param)
+            error = engine_rejection(failed, body, prompt_param, request.max_tokens_param)
             results[number] = _line(request.custom_id, request.request_id, error.status, error.body)
             continue
         if isinstance(body, ChatCompletionRequest):

@@ -16,6 +16,7 @@ from foreseer.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from foreseer.lora.request import LoRARequest
+    from foreseer.structured import SequenceGrammar
 
 
 class RequestStatus(Enum):
@@ -77,6 +78,8 @@ class Request:
         self.generator: torch.Generator | None = None
         # params.bad_words as token id sequences (the engine tokenizes them): the last one is masked after the rest.
         self.bad_words_token_ids: list[list[int]] = []
+        # Its params.structured_outputs matcher (the engine compiles it): masks what the grammar forbids.
+        self.grammar: SequenceGrammar | None = None
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)
         self.cumulative_logprob = 0.0

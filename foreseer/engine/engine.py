@@ -30,6 +30,7 @@ from foreseer.models.loader import load_model_config, load_tokenizer, resolve_mo
 from foreseer.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpeculationFigures
 from foreseer.sampling_params import SamplingParams
 from foreseer.spec.speculator import Speculator
+from foreseer.structured import GrammarCompiler, SequenceGrammar
 from foreseer.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class LLMEngine:
         self.faults: collections.deque[StepFault] = collections.deque(maxlen=MAX_FAULTS_KEPT)
         self.num_faults = 0
         self._sequences: dict[str, tuple[_ParentRequest, _Sequence]] = {}  # child request id -> its place
+        self._grammar_compiler: GrammarCompiler | None = None
 
     def reconfigure_scheduler(self, **changes) -> None:
         """A new scheduler with these SchedulerConfig fields changed (another policy, max_num_seqs, ...), so that
@@ -225,6 +227,7 @@ class LLMEngine:
         max_tokens = self.check_lengths(len(token_ids), params, reserved_blocks=pages)
         bad_words_token_ids = self.check_vocabulary(params)
         check_length_hint(length_hint)
+        grammars = [self._grammar_matcher(params) for _ in range(params.n)]  # each sequence its own matcher
         if lora_request is not None:  # last: a request refused before holds no adapter
             self.lora.add_user(lora_request)
         sequences = []
@@ -235,6 +238,7 @@ class LLMEngine:
                               arrival_time, priority, seed, group, length_hint)
             request.lora_request = lora_request
             request.bad_words_token_ids = bad_words_token_ids
+            request.grammar = grammars[i]
             request.cache_salt = None if lora_request is None else lora_request.cache_salt
             detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                  params.stop_strings, params.include_stop_str_in_output)
@@ -245,6 +249,17 @@ class LLMEngine:
         for seq in sequences:
             self._sequences[seq.request.request_id] = (parent, seq)
             self.scheduler.add_request(seq.request)
+
+    def _grammar_matcher(self, params: SamplingParams) -> SequenceGrammar | None:
+        """A matcher for params.structured_outputs (None without it); ValueError naming it where it does not compile."""
+        if params.structured_outputs is None:
+            return None
+        if self._grammar_compiler is None:  # xgrammar's import and tokenizer tables take a while: on first use
+            from foreseer.structured.xgrammar_backend import XGrammarBackend
+
+            self._grammar_compiler = GrammarCompiler(
+                XGrammarBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids))
+        return self._grammar_compiler.matcher(params.structured_outputs)
 
     def load_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
         """Read an adapter into the host cache ahead of its requests (validating it); ValueError if LoRA is off

@@ -335,7 +335,7 @@ class _Server:
             return await self.engine.add_requests(request_id, prompts, params, lora_request, body.priority,
                                                   body.length_hint)
         except ValueError as error:
-            raise engine_rejection(str(error), prompt_param, max_tokens_param) from error
+            raise engine_rejection(str(error), body, prompt_param, max_tokens_param) from error
 
     # -- outputs --------------------------------------------------------------------------------------
     @property

@@ -6,6 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from foreseer.sampling_params import StructuredOutputsParams
+
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}  # vLLM's older names -> StructuredOutputsParams' fields
+
 
 class ErrorInfo(BaseModel):
     message: str
@@ -78,6 +83,34 @@ class _SamplingRequest(_Request):
     priority: int = Field(0, ge=-(2**63), lt=2**63)
     # Foreseer's: the answer's length in tokens where the client knows it; sjf and s3 then use it, not a prediction
     length_hint: int | None = Field(None, ge=1, lt=2**63)
+    # vLLM's structured outputs: its current form, and its older guided_* fields
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_outputs_fields(self) -> dict[str, dict]:
+        """The constraints set, by the API field that set them, as StructuredOutputsParams' keyword arguments."""
+        fields = {api: {name: getattr(self, api)} for api, name in GUIDED_FIELDS.items()
+                  if getattr(self, api) is not None}
+        if self.structured_outputs is not None:
+            fields["structured_outputs"] = self.structured_outputs
+        return fields
+
+    def structured_outputs_params(self) -> tuple[StructuredOutputsParams | None, str]:
+        """The request's constraint and the API field it came from; ValueError naming that field where it is
+        malformed or more than one is set."""
+        fields = self.structured_outputs_fields()
+        if len(fields) > 1:
+            raise ValueError(f"{', '.join(fields)}: set at most one")
+        if not fields:
+            return None, "structured_outputs"
+        (api, arguments), = fields.items()
+        try:
+            return StructuredOutputsParams(**arguments), api
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{api}: {error}") from None
 
     @field_validator("logit_bias")
     @classmethod
@@ -135,8 +168,16 @@ class ChatMessage(_Request):
         return "\n".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(_Request):
+    name: str
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
 class ResponseFormat(_Request):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -154,7 +195,17 @@ class ChatCompletionRequest(_SamplingRequest):
             return "tools"
         if self.tool_choice not in (None, "none", "auto"):
             return "tool_choice"
-        return "response_format" if self.response_format is not None and self.response_format.type != "text" else None
+        return None
+
+    def structured_outputs_fields(self) -> dict[str, dict]:
+        fields = super().structured_outputs_fields()
+        response_format = self.response_format
+        if response_format is not None and response_format.type == "json_object":
+            fields["response_format"] = {"json_object": True}
+        elif response_format is not None and response_format.type == "json_schema":
+            schema = response_format.json_schema
+            fields["response_format"] = {"json": None if schema is None else schema.schema_}
+        return fields
 
     def conversation(self) -> list[dict[str, str]]:
         return conversation(self.messages)

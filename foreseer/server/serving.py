@@ -82,6 +82,11 @@ def chat_sampling_params(body: ChatCompletionRequest) -> tuple[SamplingParams, i
 def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None,
                      api_names: dict[str, str]) -> SamplingParams:
     try:
+        structured_outputs, structured_field = body.structured_outputs_params()
+    except ValueError as error:
+        raise APIError(400, str(error), str(error).split(":")[0]) from error
+    api_names = {**api_names, "structured_outputs": structured_field}
+    try:
         return SamplingParams(
             n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
@@ -91,7 +96,8 @@ def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens
             skip_special_tokens=body.skip_special_tokens, presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-            logit_bias=body.token_id_biases(), min_tokens=body.min_tokens, bad_words=body.bad_words)
+            logit_bias=body.token_id_biases(), min_tokens=body.min_tokens, bad_words=body.bad_words,
+            structured_outputs=structured_outputs)
     except ValueError as error:
         # "SamplingParams.<field> <problem>": report it under the API's name for that field.
         match = re.fullmatch(r"SamplingParams\.(\w+) (.*)", str(error), re.DOTALL)
@@ -113,11 +119,15 @@ def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt
     return list(encoded["input_ids"])
 
 
-def engine_rejection(message: str, prompt_param: str, max_tokens_param: str) -> APIError:
+def engine_rejection(message: str, body: CompletionRequest | ChatCompletionRequest, prompt_param: str,
+                     max_tokens_param: str) -> APIError:
     """The 400 for the engine's own checks (empty prompt, too long, max_tokens beyond the context, token ids past
-    the vocabulary naming their SamplingParams field), under the request field at fault."""
+    the vocabulary or a grammar that does not compile, naming their SamplingParams field), under the request field
+    at fault."""
     field = re.search(r"SamplingParams\.(\w+) ", message)
     param = field[1] if field else max_tokens_param if "max_tokens" in message else prompt_param
+    if param == "structured_outputs":  # named as the request set it (response_format, guided_json, ...)
+        param = body.structured_outputs_params()[1]
     return APIError(400, message, param)
 
 

@@ -27,6 +27,7 @@ class Sampler:
         the emitted tokens' logprobs."""
         row_requests = [r for r, d in zip(requests, drafts) for _ in range(len(d) + 1)]
         adjusted = adjusted_logits(logits, row_requests)  # logprobs stay the model's own (vLLM's raw_logprobs)
+        adjusted = grammar_masked_logits(adjusted, logits, row_requests)
         argmax = adjusted.argmax(dim=-1).tolist()
         random_rows = [i for i, r in enumerate(row_requests) if not r.params.greedy]
         probs = None
@@ -130,6 +131,29 @@ def adjusted_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     logits = logits.clone()
     logits[rows] = x
     return logits
+
+
+def grammar_masked_logits(adjusted: torch.Tensor, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """`adjusted` with the tokens each constrained request's grammar forbids at -inf: one bitmask for all of
+    their rows. Row i is at the last token of requests[i] (constrained requests do not speculate). `logits` (the
+    model's, which `adjusted` may be) is left as it is."""
+    rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+    if not rows:
+        return adjusted
+    backend = requests[rows[0]].grammar.backend
+    bitmask = backend.allocate_bitmask(len(rows))
+    for j, i in enumerate(rows):
+        request = requests[i]
+        try:  # what fails here is this request's alone
+            request.grammar.fill_bitmask(request.output_token_ids, bitmask, j)
+        except Exception as error:
+            raise RequestFault([request.request_id], error) from error
+    if adjusted is logits:
+        adjusted = logits.clone()
+    masked = adjusted[rows]
+    backend.apply_bitmask(masked, bitmask)
+    adjusted[rows] = masked
+    return adjusted
 
 
 def _bad_word_ends(request: Request) -> list[int]:
