@@ -14,8 +14,9 @@ import pytest
 # to the longest prefix listed. Siblings in one layer (spec and lengths, bench and training) must not form a cycle.
 LAYERS = [
     # foreseer.lora's root exports only LoRARequest: a new module under it starts here until it is placed.
+    # foreseer.structured: the grammar libraries behind one protocol, for the sampler; it knows nothing above.
     ["foreseer.config", "foreseer.registry", "foreseer.outputs", "foreseer.sampling_params", "foreseer.extensions",
-     "foreseer.lora"],
+     "foreseer.lora", "foreseer.structured"],
     ["foreseer.attention"],
     # The layers apply LoRA in their forward pass: the forward-time pieces of foreseer.lora sit with them.
     ["foreseer.layers", "foreseer.lora.context", "foreseer.lora.ops", "foreseer.lora.backends",
